@@ -1,0 +1,1 @@
+"""cryostack's I/O layer: object-store access, STAR metadata and MRC stacks."""
