@@ -4,7 +4,7 @@
 # buf comes from npm (@bufbuild/buf, pinned in protos/package.json) into the git-ignored protos/node_modules,
 # installed on first use; after that linting needs no network. protoc (grpcio-tools) resolves the imports,
 # including google/rpc/status.proto from googleapis-common-protos, into a descriptor set that buf lints, so buf
-# needs no remote dependencies.
+# needs no remote dependencies. PYTHON overrides the interpreter (default: the workspace's, via uv).
 set -euo pipefail
 
 protos_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,7 +15,11 @@ fi
 
 workdir="$(mktemp -d)"
 trap 'rm -rf "$workdir"' EXIT
-(cd "$protos_dir/.." && uv run --frozen python protos/generate.py --descriptor-set "$workdir/image.binpb")
+if [[ -n "${PYTHON:-}" ]]; then
+  "$PYTHON" "$protos_dir/generate.py" --descriptor-set "$workdir/image.binpb"
+else
+  (cd "$protos_dir/.." && uv run --frozen python protos/generate.py --descriptor-set "$workdir/image.binpb")
+fi
 # Only our files are linted; the imported google/* files follow Google's own conventions.
 "$buf" lint "$workdir/image.binpb" --config "$protos_dir/buf.yaml" --path cryostack
 echo "buf lint: OK"

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ryostack/jobs/v1/jobs.proto\x12\x11\x63ryostack.jobs.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xcc\x04\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.cryostack.jobs.v1.JobState\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x30\n\x08progress\x18\x07 \x01(\x0b\x32\x1e.cryostack.jobs.v1.JobProgress\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12$\n\x06result\x18\t \x01(\x0b\x32\x14.google.protobuf.Any\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0boutputs_uri\x18\x0e \x01(\t\x12\x14\n\x0cmanifest_uri\x18\x0f \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\x12\x13\n\x0brandom_seed\x18\x12 \x01(\x04\x12\x18\n\x10\x63\x61ncel_requested\x18\x13 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x14 \x01(\r\"\xf8\x01\n\x0bJobProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\r\x12\x18\n\x10total_iterations\x18\x03 \x01(\r\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x1c\n\x14\x63urrent_resolution_a\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12<\n\x07summary\x18\x07 \x03(\x0b\x32+.cryostack.jobs.v1.JobProgress.SummaryEntry\x1a.\n\x0cSummaryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"v\n\x0fListJobsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12+\n\x06states\x18\x02 \x03(\x0e\x32\x1b.cryostack.jobs.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Q\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.cryostack.jobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xb9\x02\n\nJobService\x12\x42\n\x06GetJob\x12 .cryostack.jobs.v1.GetJobRequest\x1a\x16.cryostack.jobs.v1.Job\x12H\n\x08WatchJob\x12\".cryostack.jobs.v1.WatchJobRequest\x1a\x16.cryostack.jobs.v1.Job0\x01\x12H\n\tCancelJob\x12#.cryostack.jobs.v1.CancelJobRequest\x1a\x16.cryostack.jobs.v1.Job\x12S\n\x08ListJobs\x12\".cryostack.jobs.v1.ListJobsRequest\x1a#.cryostack.jobs.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ryostack/jobs/v1/jobs.proto\x12\x11\x63ryostack.jobs.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xe1\x04\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.cryostack.jobs.v1.JobState\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x30\n\x08progress\x18\x07 \x01(\x0b\x32\x1e.cryostack.jobs.v1.JobProgress\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12$\n\x06result\x18\t \x01(\x0b\x32\x14.google.protobuf.Any\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0boutputs_uri\x18\x0e \x01(\t\x12\x14\n\x0cmanifest_uri\x18\x0f \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\x12\x13\n\x0brandom_seed\x18\x12 \x01(\x04\x12\x18\n\x10\x63\x61ncel_requested\x18\x13 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x14 \x01(\r\x12\x13\n\x0binterrupted\x18\x15 \x01(\x08\"\xf8\x01\n\x0bJobProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\r\x12\x18\n\x10total_iterations\x18\x03 \x01(\r\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x1c\n\x14\x63urrent_resolution_a\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12<\n\x07summary\x18\x07 \x03(\x0b\x32+.cryostack.jobs.v1.JobProgress.SummaryEntry\x1a.\n\x0cSummaryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"v\n\x0fListJobsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12+\n\x06states\x18\x02 \x03(\x0e\x32\x1b.cryostack.jobs.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Q\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.cryostack.jobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xb9\x02\n\nJobService\x12\x42\n\x06GetJob\x12 .cryostack.jobs.v1.GetJobRequest\x1a\x16.cryostack.jobs.v1.Job\x12H\n\x08WatchJob\x12\".cryostack.jobs.v1.WatchJobRequest\x1a\x16.cryostack.jobs.v1.Job0\x01\x12H\n\tCancelJob\x12#.cryostack.jobs.v1.CancelJobRequest\x1a\x16.cryostack.jobs.v1.Job\x12S\n\x08ListJobs\x12\".cryostack.jobs.v1.ListJobsRequest\x1a#.cryostack.jobs.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBPROGRESS_SUMMARYENTRY']._loaded_options = None
   _globals['_JOBPROGRESS_SUMMARYENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1280
-  _globals['_JOBSTATE']._serialized_end=1434
+  _globals['_JOBSTATE']._serialized_start=1301
+  _globals['_JOBSTATE']._serialized_end=1455
   _globals['_JOB']._serialized_start=137
-  _globals['_JOB']._serialized_end=725
-  _globals['_JOBPROGRESS']._serialized_start=728
-  _globals['_JOBPROGRESS']._serialized_end=976
-  _globals['_JOBPROGRESS_SUMMARYENTRY']._serialized_start=930
-  _globals['_JOBPROGRESS_SUMMARYENTRY']._serialized_end=976
-  _globals['_GETJOBREQUEST']._serialized_start=978
-  _globals['_GETJOBREQUEST']._serialized_end=1007
-  _globals['_WATCHJOBREQUEST']._serialized_start=1009
-  _globals['_WATCHJOBREQUEST']._serialized_end=1040
-  _globals['_CANCELJOBREQUEST']._serialized_start=1042
-  _globals['_CANCELJOBREQUEST']._serialized_end=1074
-  _globals['_LISTJOBSREQUEST']._serialized_start=1076
-  _globals['_LISTJOBSREQUEST']._serialized_end=1194
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1196
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1277
-  _globals['_JOBSERVICE']._serialized_start=1437
-  _globals['_JOBSERVICE']._serialized_end=1750
+  _globals['_JOB']._serialized_end=746
+  _globals['_JOBPROGRESS']._serialized_start=749
+  _globals['_JOBPROGRESS']._serialized_end=997
+  _globals['_JOBPROGRESS_SUMMARYENTRY']._serialized_start=951
+  _globals['_JOBPROGRESS_SUMMARYENTRY']._serialized_end=997
+  _globals['_GETJOBREQUEST']._serialized_start=999
+  _globals['_GETJOBREQUEST']._serialized_end=1028
+  _globals['_WATCHJOBREQUEST']._serialized_start=1030
+  _globals['_WATCHJOBREQUEST']._serialized_end=1061
+  _globals['_CANCELJOBREQUEST']._serialized_start=1063
+  _globals['_CANCELJOBREQUEST']._serialized_end=1095
+  _globals['_LISTJOBSREQUEST']._serialized_start=1097
+  _globals['_LISTJOBSREQUEST']._serialized_end=1215
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1217
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1298
+  _globals['_JOBSERVICE']._serialized_start=1458
+  _globals['_JOBSERVICE']._serialized_end=1771
 # @@protoc_insertion_point(module_scope)

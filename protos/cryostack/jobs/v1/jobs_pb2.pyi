@@ -89,6 +89,7 @@ class Job(_message.Message):
     RANDOM_SEED_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    INTERRUPTED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"jobs/<job-id>"; the id is derived from (kind, idempotency_key), so resubmitting returns the same job."""
     service: _builtins.str
@@ -114,6 +115,10 @@ class Job(_message.Message):
     """True once cancellation was requested; the job stops at its next cancellation check."""
     attempt: _builtins.int
     """How many times a worker has started the job (above 1 when it resumed after its replica died)."""
+    interrupted: _builtins.bool
+    """True when the job is QUEUED or RUNNING but no replica runs it any more (its replica died or was stopped).
+    Submitting it again with the same idempotency key resumes it from its last checkpoint.
+    """
     @_builtins.property
     def progress(self) -> Global___JobProgress:
         """Latest progress report."""
@@ -157,10 +162,11 @@ class Job(_message.Message):
         random_seed: _builtins.int = ...,
         cancel_requested: _builtins.bool = ...,
         attempt: _builtins.int = ...,
+        interrupted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "result", b"result", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backend", b"backend", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "device", b"device", "done", b"done", "end_time", b"end_time", "error", b"error", "idempotency_key", b"idempotency_key", "kind", b"kind", "manifest_uri", b"manifest_uri", "name", b"name", "outputs_uri", b"outputs_uri", "progress", b"progress", "random_seed", b"random_seed", "result", b"result", "service", b"service", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backend", b"backend", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "device", b"device", "done", b"done", "end_time", b"end_time", "error", b"error", "idempotency_key", b"idempotency_key", "interrupted", b"interrupted", "kind", b"kind", "manifest_uri", b"manifest_uri", "name", b"name", "outputs_uri", b"outputs_uri", "progress", b"progress", "random_seed", b"random_seed", "result", b"result", "service", b"service", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
