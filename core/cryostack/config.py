@@ -6,7 +6,7 @@ never appear in logs or reprs.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,6 +54,18 @@ class ServiceSettings(BaseSettings):
     max_queued_jobs: int = Field(16, ge=0, le=10_000, description="jobs waiting beyond the running ones")
     grace_period_s: float = Field(10.0, ge=0, description="time given to in-flight RPCs on shutdown")
     auth_token: SecretStr | None = Field(None, description="if set, clients must send 'authorization: Bearer <token>'")
+    tls_cert_file: str | None = Field(None, description="PEM server certificate chain; with the key, serve TLS only")
+    tls_key_file: str | None = Field(None, description="PEM private key of the server certificate")
+    tls_client_ca_file: str | None = Field(None, description="PEM CA bundle; if set, clients need a certificate (mTLS)")
+    job_lease_s: float = Field(30.0, gt=0, description="a running job's lease; another replica may resume it after")
     max_box_size_px: int = Field(512, ge=16, description="largest particle box a request may use")
     max_particles: int = Field(10_000_000, ge=1, description="most particles a request may use")
     max_classes: int = Field(500, ge=1, description="most classes a request may ask for")
+
+    @model_validator(mode="after")
+    def _tls_files_come_in_pairs(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        return self

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
@@ -38,6 +40,27 @@ def submit_method(service_descriptor_owner: object, service: str, rpc: str) -> s
     return f"/{descriptor.full_name}/{descriptor.methods_by_name[rpc].name}"
 
 
+@dataclass(frozen=True)
+class TlsClientFiles:
+    """PEM files of a TLS connection: the CA that signed the server, and for mTLS the client's certificate and key."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def open_channel(address: str, tls: TlsClientFiles | None = None) -> grpc.Channel:
+    """A channel to `address`: plaintext, or TLS (mTLS when the client certificate is given)."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls.ca_file).read_bytes(),
+        private_key=Path(tls.key_file).read_bytes() if tls.key_file else None,
+        certificate_chain=Path(tls.cert_file).read_bytes() if tls.cert_file else None,
+    )
+    return grpc.secure_channel(address, credentials)
+
+
 class JobClient:
     """A connection to one cryostack service address (any replica serves the job API for every job)."""
 
@@ -50,10 +73,11 @@ class JobClient:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
         busy_timeout_s: float = 600.0,
+        tls: TlsClientFiles | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.address = address
-        self.channel = channel if channel is not None else grpc.insecure_channel(address)
+        self.channel = channel if channel is not None else open_channel(address, tls)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self._max_attempts = max_attempts

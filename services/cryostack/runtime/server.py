@@ -6,9 +6,10 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -78,6 +79,18 @@ class CryostackServer:
         return self.grpc_server.wait_for_termination(timeout_s)
 
 
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (mTLS when a client CA is given); None for plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    certificate_chain = Path(settings.tls_cert_file).read_bytes()
+    private_key = Path(settings.tls_key_file).read_bytes()
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(private_key, certificate_chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 def create_server(settings: ServiceSettings, runner: JobRunner, *registrars: Registrar) -> tuple[CryostackServer, int]:
     """Build (not start) a server with the job API, the given stage services, health and reflection, bound to
     `settings.host:settings.port` (port 0 picks a free one); returns it and the bound port."""
@@ -99,7 +112,9 @@ def create_server(settings: ServiceSettings, runner: JobRunner, *registrars: Reg
     health_service_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection((*service_names, health_service_name, reflection.SERVICE_NAME), server)
 
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     wrapped = CryostackServer(
@@ -144,6 +159,7 @@ def serve(
     """
     objects = ObjectStore(store_settings)
     objects.ensure_bucket(S3Uri.parse(settings.jobs_uri, "jobs_uri").bucket)
+    runner_options.setdefault("lease_s", settings.job_lease_s)
     runner = JobRunner(JobStore(objects, settings.jobs_uri), settings, **runner_options)
     server, port = create_server(settings, runner, *registrars)
     server.start()
