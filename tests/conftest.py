@@ -1,0 +1,91 @@
+"""Fixtures shared by every test folder: a real S3 object store, fresh buckets, embedded stores, the shared data.
+
+- ``object_store_settings`` / ``object_store`` (session): when ``CRYOSTACK_S3_ENDPOINT`` is set (CI starts one store
+  with ``cryostack objectstore start`` and exports the ``CRYOSTACK_S3_*`` variables) the tests use that store;
+  otherwise the session starts an embedded SeaweedFS on free ports in a temporary directory and stops it at the end.
+- ``bucket`` / ``bucket_uri`` (function): a new empty bucket named ``cryostack-test-<random>``, emptied and removed
+  after the test.
+- ``start_embedded_store`` (function): starts extra stores of a test's own (for outage tests); stopped at teardown.
+- ``shared_data_dir`` (session): the public test data (``/work/shared/data`` beside the repository, or
+  ``CRYOSTACK_TEST_DATA_DIR``); tests that need it are skipped with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cryostack.config import ObjectStoreSettings
+from cryostack.io.embedded import EmbeddedStore
+from cryostack.io.objectstore import ObjectStore
+from cryostack.io.uri import S3Uri
+
+TEST_BUCKET_PREFIX = "cryostack-test-"
+DATA_DIR_ENV = "CRYOSTACK_TEST_DATA_DIR"
+
+
+@pytest.fixture(scope="session")
+def object_store_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStoreSettings]:
+    """Settings of the session's object store: the one in CRYOSTACK_S3_* if configured, else an embedded one."""
+    if os.environ.get("CRYOSTACK_S3_ENDPOINT"):
+        yield ObjectStoreSettings()
+        return
+    store = EmbeddedStore.on_free_ports(tmp_path_factory.mktemp("objectstore"))
+    settings = store.start()
+    try:
+        yield settings
+    finally:
+        store.stop()
+
+
+@pytest.fixture(scope="session")
+def object_store(object_store_settings: ObjectStoreSettings) -> Iterator[ObjectStore]:
+    """An ObjectStore client of the session's store."""
+    with ObjectStore(object_store_settings) as store:
+        yield store
+
+
+@pytest.fixture
+def bucket(object_store: ObjectStore) -> Iterator[str]:
+    """A fresh, empty bucket for one test; emptied and removed afterwards."""
+    name = f"{TEST_BUCKET_PREFIX}{uuid.uuid4().hex[:16]}"
+    object_store.ensure_bucket(name)
+    yield name
+    object_store.delete_prefix(S3Uri(name))
+    object_store.remove_bucket(name)
+
+
+@pytest.fixture
+def bucket_uri(bucket: str) -> S3Uri:
+    """The root URI (``s3://<bucket>``) of the test's fresh bucket."""
+    return S3Uri(bucket)
+
+
+@pytest.fixture
+def start_embedded_store(tmp_path: Path) -> Iterator[Callable[[], EmbeddedStore]]:
+    """Start embedded stores of a test's own on free ports (each in its own folder); all are stopped at teardown."""
+    started: list[EmbeddedStore] = []
+
+    def start() -> EmbeddedStore:
+        store = EmbeddedStore.on_free_ports(tmp_path / f"store-{len(started)}")
+        started.append(store)
+        store.start()
+        return store
+
+    yield start
+    for store in started:
+        store.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The folder of public test data (see its README); skips the test when it is not present."""
+    configured = os.environ.get(DATA_DIR_ENV)
+    folder = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (folder / "README.md").is_file():
+        pytest.skip(f"public test data not found at {folder} (set {DATA_DIR_ENV})")
+    return folder
