@@ -1,6 +1,6 @@
 """Benchmark of the particle simulator: wall time, particles/s and peak RSS of writing a dataset to a folder.
 
-Usage: ``uv run python benchmarks/simulate.py [--scenario floppy] [--particles 20000] [--box 64]``; writes
+Usage: ``uv run python benchmarks/bench_simulate.py [--scenario floppy] [--particles 20000] [--box 64]``; writes
 ``benchmarks/results/simulate.json``. Peak memory should depend on the box and the projector cache, not on the
 particle count (apart from the ground-truth tables, about 100 bytes per particle).
 """

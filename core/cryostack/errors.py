@@ -25,6 +25,10 @@ class NotFoundError(CryostackError):
         self.reason = reason
 
 
+class PermissionDeniedError(CryostackError):
+    """A dependency (the object store) refused this service's credentials or access to a named object."""
+
+
 class ResourceExhaustedError(CryostackError):
     """A bounded resource (worker pool, queue) is full; the client should back off and retry."""
 

@@ -15,7 +15,13 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import struct_pb2
 
-from cryostack.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from cryostack.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from cryostack.jobs.v1 import jobs_pb2
 from cryostack.runtime import JobContext, JobKind, JobRunner
 
@@ -30,6 +36,7 @@ def make_error(kind: str) -> Exception:
     errors: dict[str, Exception] = {
         "invalid": InvalidArgumentError("steps", "must be between 1 and 10000"),
         "not_found": NotFoundError("s3://bucket/missing.star"),
+        "permission_denied": PermissionDeniedError("s3://bucket/particles.star: AccessDenied"),
         "resource_exhausted": ResourceExhaustedError("too many particles for this replica"),
         "unavailable": UnavailableError("object store unreachable after 5 attempts"),
         "internal": RuntimeError("secret-internal-detail at /srv/private/path"),

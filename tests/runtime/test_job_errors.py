@@ -31,6 +31,7 @@ def raw_submit(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()
     [
         ("invalid", grpc.StatusCode.INVALID_ARGUMENT, "steps: must be between 1 and 10000"),
         ("not_found", grpc.StatusCode.NOT_FOUND, "s3://bucket/missing.star: not found"),
+        ("permission_denied", grpc.StatusCode.PERMISSION_DENIED, "s3://bucket/particles.star: AccessDenied"),
         ("resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many particles for this replica"),
         ("unavailable", grpc.StatusCode.UNAVAILABLE, "object store unreachable after 5 attempts"),
     ],

@@ -51,7 +51,13 @@ from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from cryostack.config import ObjectStoreSettings
-from cryostack.errors import CryostackError, InvalidArgumentError, NotFoundError, UnavailableError
+from cryostack.errors import (
+    CryostackError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 from cryostack.io.uri import S3Uri, check_bucket_allowed
 
 log = logging.getLogger(__name__)
@@ -100,7 +106,7 @@ class ObjectStoreError(CryostackError):
     """The object store refused a request for a reason that retrying will not fix."""
 
 
-class ObjectStoreAuthError(ObjectStoreError):
+class ObjectStoreAuthError(ObjectStoreError, PermissionDeniedError):
     """The object store refused the configured credentials (never retried)."""
 
 

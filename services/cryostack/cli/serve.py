@@ -6,9 +6,7 @@ import argparse
 import logging
 import sys
 
-from cryostack.config import ObjectStoreSettings, ServiceSettings
 from cryostack.runtime.registry import SERVICE_NAMES, ServiceNotAvailableError, load_registrar
-from cryostack.runtime.server import serve
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; exit status 2 when the service is not available."""
+    from cryostack.config import ObjectStoreSettings, ServiceSettings  # noqa: PLC0415  (only when serving)
+    from cryostack.runtime.server import serve  # noqa: PLC0415
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         registrar = load_registrar(args.service)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from cryostack.runtime.server import Registrar
+if TYPE_CHECKING:
+    from cryostack.runtime.server import Registrar
 
 SERVICE_NAMES = ("classify2d", "abinitio", "refine", "variability")
 
