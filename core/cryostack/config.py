@@ -69,3 +69,21 @@ class ServiceSettings(BaseSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         return self
+
+
+class StageAddresses(BaseSettings):
+    """Where clients (the CLI, the flow) find running stage services (env ``CRYOSTACK_<STAGE>_ADDRESS``).
+
+    An unset address means: start the stage's service in-process for the duration of the call.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CRYOSTACK_", extra="ignore")
+
+    classify2d_address: str | None = Field(None, description="host:port of a classify2d service")
+    abinitio_address: str | None = Field(None, description="host:port of an abinitio service")
+    refine_address: str | None = Field(None, description="host:port of a refine service")
+    variability_address: str | None = Field(None, description="host:port of a variability service")
+
+    def address_of(self, service: str) -> str | None:
+        """The configured address of a stage service, or None."""
+        return getattr(self, f"{service}_address")

@@ -13,6 +13,7 @@ import scipy.stats
 from cryostack.core.fsc import fsc_curve
 from cryostack.core.geometry import uniform_random_rotations
 from cryostack.core.metrics import (
+    class_purity,
     adjusted_rand_index,
     align_map,
     class_occupancy,
@@ -214,3 +215,13 @@ def _small_rotation(rng: np.random.Generator, angle_deg: float) -> np.ndarray:
 
     axis = rng.normal(size=3)
     return Rotation.from_rotvec(np.radians(angle_deg) * axis / np.linalg.norm(axis)).as_matrix()
+
+
+def test_class_purity_is_the_majority_fraction_per_class_and_nan_when_empty():
+    truth = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    predicted = np.array([0, 0, 0, 0, 2, 2, 2, 2])  # class 1 empty
+    purity = class_purity(predicted, truth, n_classes=3)
+    assert purity[0] == pytest.approx(3 / 4)
+    assert np.isnan(purity[1])
+    assert purity[2] == pytest.approx(3 / 4)
+    assert np.all(class_purity(truth, truth, n_classes=2) == 1.0)

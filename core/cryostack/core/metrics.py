@@ -127,6 +127,16 @@ def class_occupancy(labels: np.ndarray, n_classes: int, tiny_fraction: float = 0
     )
 
 
+def class_purity(labels_pred: np.ndarray, labels_true: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per predicted class, the fraction of its members that share its most common true label: (K,), NaN if empty."""
+    table = contingency_table(np.asarray(to_host(labels_true)).ravel(), np.asarray(to_host(labels_pred)).ravel())
+    predicted = np.unique(np.asarray(to_host(labels_pred)).ravel())  # the columns of `table`, sorted
+    purity = np.full(n_classes, np.nan)
+    sizes = table.sum(axis=0)
+    purity[predicted.astype(np.int64)] = table.max(axis=0) / sizes
+    return purity
+
+
 def gini_coefficient(values: np.ndarray) -> float:
     """Gini coefficient of non-negative values (0 = all equal)."""
     x = np.sort(np.asarray(values, dtype=np.float64).ravel())
