@@ -1,0 +1,383 @@
+"""2D classification on the `floppy` scenario: quality with and without the per-class cap, speed, and ASPIRE.
+
+Cases (each in its own process, so its peak RSS is its own; particle images are memory-mapped from a cache of the
+simulated set, so RSS includes the pages of the stack it touched):
+
+- ``quality``: the floppy scenario (preferred orientation, hinge 0–60°, 30% domain missing; SNR 0.1, 3 Å/px) at
+  ``--particles`` (20k) and box 64, K = 50, full cryoSPARC schedule (20 online iterations, 1 full), once without and
+  once with the cap (``--cap-multiple`` × N/K). Per run: max class size vs the cap, % empty classes, tiny classes
+  (< 10% of N/K), each non-empty class average's correlation with the best noise-free ground-truth projection
+  (the CTF-free projections at the true view and conformation of up to 12 of its members, psi free: best in-plane
+  rotation and translation, both low-passed to ``--lowpass`` Å, inside the particle mask), per-class purity of
+  domain present/absent, and the montage PNG.
+- ``timing``: wall time, particles/s (particle × iteration evaluations per second), peak RSS for N in
+  ``--timing-particles`` and K in ``--timing-classes``, with the schedule reduced to ``--timing-online`` online
+  iterations + 1 full pass; the full-schedule time is extrapolated from the measured per-iteration times.
+- every cryostack run reports the scoring kernel's share of the wall time and its GFLOP/s (the coarse global
+  search through :func:`cryostack.core.scoring.iter_log_likelihoods` and the local refinement's batched GEMMs) next
+  to SGEMM GFLOP/s measured in the same process.
+- ``aspire``: ASPIRE-Python's 2D class averaging (``DefaultClassAvgSource``: rotationally invariant features,
+  nearest neighbours, BFT averaging; the K classes of lowest neighbour-distance variance) on the same
+  phase-flipped images, K class averages of ``--aspire-neighbours`` neighbours each: time and the same metrics.
+
+    uv run python benchmarks/bench_classify2d.py [--cases quality aspire timing] [--particles 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "classify2d.json"
+CACHE = Path(os.environ.get("CRYOSTACK_BENCH_CACHE", "/tmp/cryostack-bench-classify2d"))
+BOX_PX = 64
+PIXEL_SIZE_A = 3.0
+SNR = 0.1
+SEED = 0
+MAX_GT_PROJECTIONS = 12
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 matrix-product rate of this machine's BLAS, GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best / 1e9
+
+
+def dataset(n_particles: int) -> tuple[np.ndarray, Any]:
+    """The floppy set of ``n_particles`` (memory-mapped images, simulator); simulated once, then cached."""
+    from cryostack.core.simulate import ParticleSimulator, SimulationParameters, scenario  # noqa: PLC0415
+
+    params = SimulationParameters(n_particles=n_particles, box_px=BOX_PX, pixel_size_a=PIXEL_SIZE_A, snr=SNR, seed=SEED)
+    simulator = ParticleSimulator(scenario("floppy"), params)
+    path = CACHE / f"floppy_{n_particles}_{BOX_PX}_{SEED}.npy"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npy")
+        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n_particles, BOX_PX, BOX_PX))
+        for batch in simulator.batches(2048):
+            images[batch.start : batch.start + len(batch.images)] = batch.images
+        images.flush()
+        del images
+        partial.rename(path)
+    return np.load(path, mmap_mode="r"), simulator
+
+
+def ctf_of(simulator: Any) -> Any:
+    """The ground-truth CTF parameters of the simulated set (what its particles.star carries)."""
+    from cryostack.services.classify2d.algorithm import CtfParameters  # noqa: PLC0415
+
+    truth, params = simulator.ground_truth, simulator.params
+    n = len(truth)
+    return CtfParameters(
+        defocus_u_a=truth.defocus_u_a, defocus_v_a=truth.defocus_v_a, defocus_angle_deg=truth.defocus_angle_deg,
+        voltage_kv=np.full(n, params.voltage_kv), cs_mm=np.full(n, params.cs_mm),
+        amplitude_contrast=np.full(n, params.amplitude_contrast), phase_shift_deg=np.zeros(n), bfactor_a2=np.zeros(n),
+    )
+
+
+class KernelMeter:
+    """Times the scoring kernel inside a run and counts its useful floating-point operations."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.flops = 0.0
+
+    def install(self) -> None:
+        """Wrap the classifier's coarse scoring call and local search with timers."""
+        from cryostack.core.scoring import scoring_flops  # noqa: PLC0415
+        from cryostack.services.classify2d import algorithm  # noqa: PLC0415
+
+        original_iter = algorithm.iter_log_likelihoods
+        original_local = algorithm.Classifier2D._local_search
+        meter = self
+
+        def timed_iter(particles: Any, templates: Any, **options: Any) -> Any:
+            ramps = options.get("shift_ramps")
+            shifts = 1 if ramps is None else ramps.shape[0]
+            generator = original_iter(particles, templates, **options)
+            while True:
+                start = time.perf_counter()
+                try:
+                    block = next(generator)
+                except StopIteration:
+                    meter.seconds += time.perf_counter() - start
+                    return
+                meter.seconds += time.perf_counter() - start
+                n = block.particles.stop - block.particles.start
+                m = block.templates.stop - block.templates.start
+                meter.flops += scoring_flops(n, m, particles.shape[1], shifts)
+                yield block
+
+        def timed_local(self: Any, x: Any, ctf: Any, noise_var: Any, fine: Any, coarse_ramps: Any, local_ramps: Any,
+                        plan: Any, rows: Any, *rest: Any) -> Any:
+            start = time.perf_counter()
+            out = original_local(self, x, ctf, noise_var, fine, coarse_ramps, local_ramps, plan, rows, *rest)
+            meter.seconds += time.perf_counter() - start
+            pairs, coefficients = rows.size, x.shape[1]
+            window, shifts = plan.angle_window.size, local_ramps.shape[0]
+            meter.flops += pairs * (2.0 * shifts * 2 * coefficients * window + 2.0 * coefficients * window)
+            return out
+
+        algorithm.iter_log_likelihoods = timed_iter
+        algorithm.Classifier2D._local_search = timed_local
+
+
+def gt_projections(simulator: Any, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Noise-free, CTF-free, centred projections (M, D, D) at the true view and conformation of some members."""
+    from cryostack.core.fourier import ifft2_centered  # noqa: PLC0415
+    from cryostack.core.geometry import euler_to_matrix  # noqa: PLC0415
+
+    chosen = rng.choice(members, size=min(MAX_GT_PROJECTIONS, members.size), replace=False)
+    truth = simulator.ground_truth
+    images = []
+    for index in chosen:
+        rotation = euler_to_matrix(truth.rot_deg[index], truth.tilt_deg[index], 0.0)[None]
+        projector = simulator._projector(int(simulator.conformation_index[index]))
+        images.append(ifft2_centered(projector.project(rotation)[0]).real)
+    return np.stack(images).astype(np.float32)
+
+
+def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator: Any, n_particles: int,
+                  lowpass_a: float, mask_radius_px: float) -> dict[str, Any]:
+    """Correlation with the best ground-truth projection and domain purity of each class with members."""
+    from cryostack.services.classify2d.evaluation import best_reference_correlation  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    present = simulator.ground_truth.domain_present
+    correlations, purities, sizes = [], [], []
+    for average, members in zip(averages, members_of, strict=True):
+        if members.size == 0:
+            continue
+        references = gt_projections(simulator, members, rng)
+        correlation, _ = best_reference_correlation(average, references, pixel_size_a=PIXEL_SIZE_A,
+                                                    lowpass_a=lowpass_a, mask_radius_px=mask_radius_px)
+        fraction = present[members].mean()
+        correlations.append(correlation)
+        purities.append(max(fraction, 1.0 - fraction))
+        sizes.append(members.size)
+    correlations, purities, sizes = np.array(correlations), np.array(purities), np.array(sizes)
+    return {
+        "classes_with_particles": int(sizes.size),
+        "per_class_size": sizes.tolist(),
+        "correlation_to_best_gt_projection": {
+            "median": float(np.median(correlations)), "min": float(correlations.min()),
+            "fraction_at_least_0.9": float(np.mean(correlations >= 0.9)), "per_class": correlations.round(4).tolist(),
+        },
+        "domain_purity": {
+            "median": float(np.median(purities)), "min": float(purities.min()),
+            "fraction_at_least_0.9": float(np.mean(purities >= 0.9)),
+            "particle_weighted_mean": float(np.sum(purities * sizes) / sizes.sum()),
+            "per_class": purities.round(4).tolist(),
+        },
+    }
+
+
+def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, cap_multiple: float | None,
+                  online: int, with_quality: bool, label: str) -> dict[str, Any]:
+    """One classification run in this process: timings, kernel share, memory and (optionally) quality."""
+    from cryostack.services.classify2d.algorithm import ArrayParticles, Classifier2D, Classify2DParameters  # noqa: PLC0415
+    from cryostack.services.classify2d.outputs import montage_png, sort_classes  # noqa: PLC0415
+
+    images, simulator = dataset(n_particles)
+    sgemm = sgemm_gflops()
+    meter = KernelMeter()
+    meter.install()
+    params = Classify2DParameters(class_count=n_classes, online_em_iterations=online,
+                                  max_particles_per_class_mean_multiple=cap_multiple)
+    stamps: list[tuple[int, float, float]] = []
+    start = time.perf_counter()
+    classifier = Classifier2D(params, ArrayParticles(images), PIXEL_SIZE_A, ctf_of(simulator), seed=SEED)
+
+    def on_iteration(state: Any, report: Any) -> None:
+        stamps.append((report.iteration, time.perf_counter() - start, report.resolution_a))
+        print(f"[{label}] iteration {report.iteration}/{report.total_iterations} at {stamps[-1][1]:.0f} s, "
+              f"{report.resolution_a:.1f} Å, largest class {report.occupancy.max():.0f}", file=sys.stderr, flush=True)
+
+    result = classifier.run(on_iteration=on_iteration)
+    wall = time.perf_counter() - start
+    seen = n_particles * params.final_full_iterations + online * min(n_particles, 100 * n_classes)
+    online_times = np.diff([0.0] + [t for _, t, _ in stamps[:online]])
+    full_time = stamps[-1][1] - (stamps[online - 1][1] if online else 0.0)
+    # The first online iteration also holds the start (noise estimate, initial classes).
+    steady = float(np.median(online_times[1:])) if online > 1 else float(online_times[0]) if online else 0.0
+    extrapolated = (online_times[0] if online else 0.0) + steady * (20 - 1) + full_time
+    counts = result.counts
+    record: dict[str, Any] = {
+        "label": label, "particles": n_particles, "classes": n_classes, "box_px": BOX_PX,
+        "online_em_iterations": online, "final_full_iterations": params.final_full_iterations,
+        "cap": result.capacity, "wall_s": wall, "particle_evaluations": seen, "particles_per_s": seen / wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "iteration_times_s": [round(t, 2) for _, t, _ in stamps],
+        "resolution_a_per_iteration": [round(r, 2) for _, _, r in stamps],
+        "steady_online_iteration_s": steady, "full_pass_s": full_time,
+        "extrapolated_full_schedule_s": extrapolated,
+        "scoring_kernel": {"seconds": meter.seconds, "share_of_wall": meter.seconds / wall,
+                           "gflops": meter.flops / max(meter.seconds, 1e-9) / 1e9, "sgemm_gflops": sgemm,
+                           "ratio_to_sgemm": meter.flops / max(meter.seconds, 1e-9) / 1e9 / sgemm},
+        "occupancy": {"max_class": int(counts.max()), "empty_classes": int(np.sum(counts == 0)),
+                      "percent_empty": 100.0 * float(np.mean(counts == 0)),
+                      "tiny_classes": int(np.sum((counts > 0) & (counts < 0.1 * n_particles / n_classes))),
+                      "every_class_within_cap": None if result.capacity is None
+                      else bool(counts.max() <= result.capacity),
+                      "counts_sorted": np.sort(counts)[::-1].tolist(), "reseeded": result.reseeded},
+    }
+    if with_quality:
+        classes = sort_classes(result)
+        montage = RESULTS.parent / f"classify2d_montage_{label}.png"
+        montage.write_bytes(montage_png(classes))
+        record["montage_png"] = str(montage)
+        labels = result.assignment.labels
+        members_of = [np.flatnonzero(labels == c) for c in range(n_classes)]
+        radius_px = params.mask_diameters_a(BOX_PX, PIXEL_SIZE_A)[0] / 2 / PIXEL_SIZE_A
+        record["quality"] = class_quality(result.averages, members_of, simulator, n_particles, args.lowpass, radius_px)
+        record["quality"]["lowpass_a"] = args.lowpass
+    return record
+
+
+def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> dict[str, Any]:
+    """ASPIRE's class averaging on the same (phase-flipped) images, timed, with the same metrics."""
+    import aspire  # noqa: PLC0415
+    from aspire.classification import NeighborVarianceClassSelector  # noqa: PLC0415
+    from aspire.denoising import DefaultClassAvgSource  # noqa: PLC0415
+    from aspire.source import ArrayImageSource  # noqa: PLC0415
+
+    from cryostack.core.ctf import ctf_2d  # noqa: PLC0415
+    from cryostack.core.fourier import fft2_centered, ifft2_centered  # noqa: PLC0415
+    from cryostack.services.classify2d import evaluation, outputs  # noqa: F401, PLC0415  (fail before the long run)
+
+    images, simulator = dataset(n_particles)
+    truth, params = simulator.ground_truth, simulator.params
+    start = time.perf_counter()
+    flipped = np.empty(images.shape, dtype=np.float32)
+    for first in range(0, n_particles, 2048):
+        rows = slice(first, min(first + 2048, n_particles))
+        ctf = ctf_2d(BOX_PX, PIXEL_SIZE_A, truth.defocus_u_a[rows], truth.defocus_v_a[rows],
+                     truth.defocus_angle_deg[rows], params.voltage_kv, params.cs_mm, params.amplitude_contrast)
+        flipped[rows] = ifft2_centered(fft2_centered(np.asarray(images[rows])) * np.sign(ctf)).real
+    source = ArrayImageSource(flipped, pixel_size=PIXEL_SIZE_A)
+    averages_source = DefaultClassAvgSource(source, n_nbor=args.aspire_neighbours,
+                                            class_selector=NeighborVarianceClassSelector())
+    averages = averages_source.images[:n_classes].asnumpy().astype(np.float32)
+    wall = time.perf_counter() - start
+    selected = np.asarray(averages_source.selection_indices[:n_classes])
+    members_of = [np.asarray(averages_source.class_indices[i]) for i in selected]
+    radius_px = 0.85 * BOX_PX / 2
+    quality = class_quality(averages, members_of, simulator, n_particles, args.lowpass, radius_px)
+    quality["lowpass_a"] = args.lowpass
+    montage = RESULTS.parent / "classify2d_montage_aspire.png"
+    _aspire_montage(averages, [m.size for m in members_of], montage)
+    return {
+        "label": "aspire", "aspire_version": aspire.__version__, "particles": n_particles, "classes": n_classes,
+        "neighbours_per_class": args.aspire_neighbours, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
+        "note": "ASPIRE forms each class from one image's nearest neighbours (classes overlap and do not partition "
+                "the set), so occupancy limits do not apply; metrics cover the K selected classes",
+        "montage_png": str(montage), "quality": quality,
+    }
+
+
+def _aspire_montage(averages: np.ndarray, sizes: list[int], path: Path) -> None:
+    from cryostack.services.classify2d.outputs import SortedClasses, montage_png  # noqa: PLC0415
+
+    k = averages.shape[0]
+    classes = SortedClasses(order=np.arange(k), number=np.arange(1, k + 1), averages=averages,
+                            counts=np.asarray(sizes), frc=np.zeros((k, 1)), frc_resolution_a=np.full(k, np.nan))
+    path.write_bytes(montage_png(classes))
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one case in this process and print its JSON record."""
+    spec = json.loads(args.child)
+    if spec["kind"] == "aspire":
+        record = run_aspire(args, spec["particles"], spec["classes"])
+    else:
+        record = run_cryostack(args, spec["particles"], spec["classes"], spec.get("cap_multiple"), spec["online"],
+                               spec["quality"], spec["label"])
+    print("RESULT " + json.dumps(record))
+
+
+def main() -> None:
+    """Run the requested cases, each in a fresh process, and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["quality", "aspire", "timing"],
+                        choices=["quality", "aspire", "timing"])
+    parser.add_argument("--particles", type=int, default=20_000)
+    parser.add_argument("--classes", type=int, default=50)
+    parser.add_argument("--cap-multiple", type=float, default=1.5, help="cap as a multiple of N/K (quality case)")
+    parser.add_argument("--online", type=int, default=20, help="online iterations of the quality runs")
+    parser.add_argument("--lowpass", type=float, default=12.0, help="low-pass (Å) before correlating with the truth")
+    parser.add_argument("--aspire-neighbours", type=int, default=50)
+    parser.add_argument("--timing-particles", type=int, nargs="+", default=[20_000, 100_000])
+    parser.add_argument("--timing-classes", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--timing-online", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    specs: list[dict[str, Any]] = []
+    if "quality" in args.cases:
+        specs += [
+            {"kind": "cryostack", "label": "no_cap", "particles": args.particles, "classes": args.classes,
+             "online": args.online, "quality": True},
+            {"kind": "cryostack", "label": "cap", "particles": args.particles, "classes": args.classes,
+             "online": args.online, "quality": True, "cap_multiple": args.cap_multiple},
+        ]
+    if "aspire" in args.cases:
+        specs.append({"kind": "aspire", "particles": args.particles, "classes": args.classes})
+    if "timing" in args.cases:
+        specs += [
+            {"kind": "cryostack", "label": f"timing_{n}_{k}", "particles": n, "classes": k,
+             "online": args.timing_online, "quality": False}
+            for n in args.timing_particles for k in args.timing_classes
+        ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "benchmark": "classify2d",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "scenario": {"name": "floppy", "box_px": BOX_PX, "pixel_size_a": PIXEL_SIZE_A, "snr": SNR, "seed": SEED},
+        "runs": [],
+    }
+    if RESULTS.exists():
+        previous = json.loads(RESULTS.read_text())
+        report["runs"] = [r for r in previous.get("runs", []) if r.get("label") not in
+                          {s.get("label", s["kind"]) for s in specs}]
+    for spec in specs:
+        command = [sys.executable, __file__, "--child", json.dumps(spec), "--lowpass", str(args.lowpass),
+                   "--aspire-neighbours", str(args.aspire_neighbours)]
+        # The child's progress goes straight to this process's stderr; its last stdout line is the record.
+        completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        record = json.loads(lines[-1][7:]) if lines else {
+            "label": spec.get("label", spec["kind"]), "failed": True, "returncode": completed.returncode,
+        }
+        report["runs"].append(record)
+        RESULTS.write_text(json.dumps(report, indent=1))
+        print(json.dumps({k: v for k, v in record.items() if k not in ("quality", "occupancy")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

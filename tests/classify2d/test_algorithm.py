@@ -1,0 +1,186 @@
+"""2D classification against ground truth: class separation, poses, CTF correction, the cap, resumption, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from classify2d_data import PIXEL_SIZE_A, blob_image, make_set, two_references
+
+from cryostack.core.fourier import frequency_radius_px
+from sklearn.metrics import adjusted_rand_score as adjusted_rand_index
+from cryostack.errors import InvalidArgumentError
+from cryostack.services.classify2d.algorithm import (
+    ArrayParticles,
+    ClassificationState,
+    Classifier2D,
+    Classify2DParameters,
+    half_plane_coefficients,
+    validate_parameters,
+)
+from cryostack.services.classify2d.evaluation import align_to_reference, aligned_frc
+
+FAST = {"max_resolution_a": 8.0, "online_em_iterations": 4, "batch_size_per_class": 100}
+
+
+def _circular_error_deg(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """|estimate − truth − offset| on the circle, with the class's common offset (its frame) removed."""
+    difference = np.deg2rad(estimate - truth)
+    offset = np.angle(np.mean(np.exp(1j * difference)))
+    return np.abs(np.rad2deg(np.angle(np.exp(1j * (difference - offset)))))
+
+
+@pytest.mark.parametrize(
+    ("box_px", "force_max"), [(32, True), (31, True), (32, False)], ids=["even-force-max", "odd-force-max", "marginal"]
+)
+def test_two_class_mixture_is_separated_and_poses_recovered(box_px: int, force_max: bool) -> None:
+    data = make_set(two_references(box_px), 400, seed=1, snr=0.3, with_ctf=True)
+    params = Classify2DParameters(class_count=2, force_max_over_poses_shifts=force_max, **FAST)
+
+    result = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=5).run()
+
+    labels = result.assignment.labels
+    assert adjusted_rand_index(data.labels, labels) >= 0.95
+    for c in range(2):
+        members = labels == c
+        # Angles are recovered up to the class average's own in-plane frame; re-centred classes share the origin.
+        angle_error = _circular_error_deg(result.assignment.psi_deg[members], data.psi_deg[members])
+        assert np.median(angle_error) <= 3.0
+        shift_error = np.linalg.norm(result.assignment.shift_px[members] - data.shift_px[members], axis=1)
+        assert np.median(shift_error) <= 0.75
+    for c in range(2):
+        # Each class average is one of the references, in some in-plane frame.
+        reference = data.references[np.bincount(data.labels[labels == c]).argmax()]
+        assert align_to_reference(result.averages[c], reference).correlation >= 0.95
+
+
+def test_ctf_correction_gives_sharper_averages_than_none() -> None:
+    reference = two_references(32)[:1]
+    data = make_set(reference, 300, seed=2, snr=0.3, with_ctf=True)
+    params = Classify2DParameters(class_count=1, online_em_iterations=3, max_resolution_a=8.0, batch_size_per_class=150)
+
+    corrected = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=5).run()
+    uncorrected = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, None, seed=5).run()
+
+    frc_corrected = aligned_frc(corrected.averages[0], reference[0])
+    frc_uncorrected = aligned_frc(uncorrected.averages[0], reference[0])
+    # Shells 2..8 carry the reference's power (its blobs are a few pixels wide); the CTF zeros fall among them.
+    signal = slice(2, 9)
+    assert frc_corrected[signal].mean() >= frc_uncorrected[signal].mean() + 0.05
+    correlation_corrected = align_to_reference(corrected.averages[0], reference[0]).correlation
+    correlation_uncorrected = align_to_reference(uncorrected.averages[0], reference[0]).correlation
+    assert correlation_corrected >= 0.95
+    assert correlation_corrected >= correlation_uncorrected + 0.05
+
+
+def test_cap_is_never_exceeded_while_an_uncapped_run_crowds_one_class() -> None:
+    # 80% of the particles show one view: without a cap the classes it attracts hold most of them.
+    references = two_references(32)
+    data = make_set(references, 400, seed=3, snr=0.3, with_ctf=True, proportions=np.array([0.8, 0.2]))
+    capped_params = Classify2DParameters(class_count=4, max_particles_per_class_mean_multiple=1.25, **FAST)
+    cap = capped_params.capacity(400)
+    assert cap == 125
+    occupancies: list[np.ndarray] = []
+
+    capped = Classifier2D(capped_params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=7).run(
+        on_iteration=lambda state, report: occupancies.append(report.occupancy)
+    )
+    uncapped = Classifier2D(Classify2DParameters(class_count=4, **FAST), ArrayParticles(data.images),
+                            PIXEL_SIZE_A, data.ctf, seed=7).run()
+
+    assert capped.counts.sum() == 400 and capped.counts.max() <= cap
+    assert np.bincount(capped.assignment.labels, minlength=4).max() <= cap
+    # The expected occupancy inside every E-step stayed within the cap too.
+    assert all(np.all(occupancy <= cap * (1 + 1e-9)) for occupancy in occupancies)
+    assert uncapped.counts.max() > cap
+    # Forced apart, the particles still sort by view: every capped class is (nearly) pure.
+    for c in np.flatnonzero(capped.counts):
+        fractions = np.bincount(data.labels[capped.assignment.labels == c], minlength=2) / capped.counts[c]
+        assert fractions.max() >= 0.9
+
+
+def test_resumed_run_ends_equal_to_an_uninterrupted_one() -> None:
+    data = make_set(two_references(32), 300, seed=4, snr=0.3, with_ctf=True)
+    params = Classify2DParameters(class_count=3, max_particles_per_class_count=120, **FAST)
+    saved: dict[int, bytes] = {}
+
+    def keep(state: ClassificationState, report: object) -> None:
+        saved[state.iteration] = state.to_bytes()
+
+    particles = ArrayParticles(data.images)
+    uninterrupted = Classifier2D(params, particles, PIXEL_SIZE_A, data.ctf, seed=9).run(on_iteration=keep)
+    restarted = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=9)
+    resumed = restarted.run(ClassificationState.from_bytes(saved[2]))
+
+    np.testing.assert_array_equal(resumed.assignment.labels, uninterrupted.assignment.labels)
+    np.testing.assert_array_equal(resumed.assignment.psi_deg, uninterrupted.assignment.psi_deg)
+    np.testing.assert_array_equal(resumed.assignment.shift_px, uninterrupted.assignment.shift_px)
+    np.testing.assert_array_equal(resumed.averages, uninterrupted.averages)
+    # A state saved after the last iteration already holds the answer.
+    finished = restarted.run(ClassificationState.from_bytes(saved[params.total_iterations]))
+    np.testing.assert_array_equal(finished.assignment.labels, uninterrupted.assignment.labels)
+
+
+def test_starving_classes_are_reseeded_from_the_largest() -> None:
+    data = make_set(two_references(32), 300, seed=5, snr=0.3, with_ctf=True)
+    params = Classify2DParameters(class_count=5, min_particles_per_class=40, **FAST)
+    result = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=11).run()
+    assert result.reseeded >= 1
+    assert result.counts.sum() == 300
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"class_count": 0}, "parameters.class_count"),
+        ({"class_count": 101}, "parameters.class_count"),
+        ({"max_resolution_a": 7.9}, "parameters.max_resolution_a"),
+        ({"circular_mask_outer_diameter_a": 130.0}, "parameters.circular_mask_outer_diameter_a"),
+        ({"circular_mask_inner_diameter_a": 100.0, "circular_mask_outer_diameter_a": 90.0},
+         "parameters.circular_mask_inner_diameter_a"),
+        ({"max_particles_per_class_count": 9}, "parameters.max_particles_per_class_count"),
+        ({"max_particles_per_class_mean_multiple": 0.5}, "parameters.max_particles_per_class_mean_multiple"),
+        ({"initial_uncertainty_factor": 0.5}, "parameters.initial_uncertainty_factor"),
+        ({"batch_size_per_class": 0}, "parameters.batch_size_per_class"),
+        ({"final_full_iterations": 0}, "parameters.final_full_iterations"),
+        ({"min_particles_per_class": 20.0}, "parameters.min_particles_per_class"),
+        ({"max_particles_per_class_count": 12, "min_particles_per_class": 13.0}, "parameters.min_particles_per_class"),
+    ],
+)
+def test_unusable_parameters_are_invalid_argument_naming_the_field(changes: dict, field: str) -> None:
+    # 100 particles, box 32 at 4 Å: Nyquist 8 Å, box width 128 Å.
+    params = Classify2DParameters(**{"class_count": 10, "max_resolution_a": 8.0, **changes})
+    with pytest.raises(InvalidArgumentError) as caught:
+        validate_parameters(params, 100, 32, PIXEL_SIZE_A)
+    assert caught.value.field == field
+
+
+def test_default_parameters_are_valid_for_a_typical_set() -> None:
+    validate_parameters(Classify2DParameters(), 20_000, 64, 3.0)
+    # Unset, the 6 Å limit gives way to a coarser Nyquist; asked for explicitly, it does not.
+    assert Classify2DParameters().resolution_limit_a(4.0) == 8.0
+    validate_parameters(Classify2DParameters(), 20_000, 64, 4.0)
+    with pytest.raises(InvalidArgumentError):
+        validate_parameters(Classify2DParameters(max_resolution_a=6.0), 20_000, 64, 4.0)
+
+
+@pytest.mark.parametrize("box_px", [32, 33])
+def test_half_plane_coefficients_hold_one_of_each_friedel_pair(box_px: int) -> None:
+    coefficients = half_plane_coefficients(box_px, 2.0, 8.0)
+    radius = frequency_radius_px(box_px, 2).ravel()
+    limit = np.float32(box_px / 4)  # 8 Å at 2 Å/px on a box of D pixels: shell D / 4
+    inside = np.flatnonzero(radius <= limit)
+    # Every coefficient inside the limit is in the list or its mate is, never both (a self-mate counts once).
+    half = box_px // 2
+    ky, kx = inside // box_px - half, inside % box_px - half
+    mates = ((-ky + half) % box_px) * box_px + ((-kx + half) % box_px)
+    listed = set(coefficients.flat.tolist())
+    assert all((i in listed) != (m in listed) or i == m for i, m in zip(inside, mates, strict=True))
+    assert coefficients.flat[0] == half * box_px + half  # DC first
+    assert np.all(np.diff(coefficients.radius) >= 0)
+    assert coefficients.multiplicity.sum() == inside.size
+
+
+def test_blob_references_are_centred() -> None:
+    image = blob_image(32, [(5.0, -3.0, 2.0, 1.0)])
+    coords = np.arange(32) - 16
+    assert abs((image.sum(axis=0) * coords).sum() / image.sum()) < 0.05
