@@ -87,7 +87,7 @@ def dataset(n_particles: int) -> tuple[np.ndarray, Any]:
 
 def ctf_of(simulator: Any) -> Any:
     """The ground-truth CTF parameters of the simulated set (what its particles.star carries)."""
-    from cryostack.services.classify2d.algorithm import CtfParameters  # noqa: PLC0415
+    from cryostack.core.ctf import CtfParameters  # noqa: PLC0415
 
     truth, params = simulator.ground_truth, simulator.params
     n = len(truth)

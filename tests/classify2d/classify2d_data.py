@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cryostack.core.ctf import ctf_2d
+from cryostack.core.ctf import CtfParameters, ctf_2d
 from cryostack.core.fourier import fft2_centered, ifft2_centered, phase_shift_2d
 from cryostack.core.geometry import rotation_matrix_2d
 from cryostack.core.projection import Projector2D
-from cryostack.services.classify2d.algorithm import CtfParameters
 
 PIXEL_SIZE_A = 4.0
 

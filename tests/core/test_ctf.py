@@ -15,7 +15,7 @@ import pytest
 from scipy.optimize import brentq
 
 from cryostack.core.backend import cupy_available
-from cryostack.core.ctf import ctf_2d, ctf_at, electron_wavelength_a, first_zero_frequency_inv_a
+from cryostack.core.ctf import CtfParameters, ctf_2d, ctf_at, electron_wavelength_a, first_zero_frequency_inv_a
 from cryostack.core.fourier import frequency_grid_2d
 from cryostack.errors import InvalidArgumentError
 
@@ -135,3 +135,24 @@ def test_cupy_matches_numpy() -> None:
                     bfactor_a2=30.0)
     assert isinstance(device, cupy.ndarray)
     np.testing.assert_allclose(cupy.asnumpy(device), host, atol=1e-6)
+
+
+def test_ctf_parameters_select_particles_and_evaluate_like_ctf_at():
+    n = 5
+    params = CtfParameters(
+        defocus_u_a=np.linspace(10_000.0, 20_000.0, n),
+        defocus_v_a=np.linspace(9_500.0, 19_000.0, n),
+        defocus_angle_deg=np.linspace(0.0, 80.0, n),
+        voltage_kv=np.full(n, 300.0),
+        cs_mm=np.full(n, 2.7),
+        amplitude_contrast=np.full(n, 0.1),
+        phase_shift_deg=np.zeros(n),
+        bfactor_a2=np.zeros(n),
+    )
+    fy, fx = frequency_grid_2d(16, 2.0)
+    rows = np.array([3, 1])
+    selected = params.take(rows)
+    assert len(selected) == 2
+    expected = ctf_at(fy, fx, params.defocus_u_a[rows], params.defocus_v_a[rows], params.defocus_angle_deg[rows],
+                      300.0, 2.7, 0.1)
+    np.testing.assert_array_equal(selected.at(fy, fx), expected)

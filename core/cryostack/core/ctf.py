@@ -18,6 +18,7 @@ result returned as float32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any
 
@@ -118,6 +119,31 @@ def ctf_at(
     if bool(xp.any(p["bfactor_a2"] != 0)):
         out *= xp.exp(-0.25 * p["bfactor_a2"][:, None] * basis[0][None, :])
     return out.astype(np.float32).reshape((count,) + fy.shape)
+
+
+@dataclass(frozen=True)
+class CtfParameters:
+    """Per-particle CTF parameters, each (N,) float64, in this module's convention (units in the names)."""
+
+    defocus_u_a: np.ndarray
+    defocus_v_a: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kv: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    phase_shift_deg: np.ndarray
+    bfactor_a2: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.defocus_u_a)
+
+    def take(self, rows: np.ndarray) -> CtfParameters:
+        """The parameters of the particles at ``rows``."""
+        return CtfParameters(**{f.name: np.asarray(getattr(self, f.name))[rows] for f in fields(self)})
+
+    def at(self, fy: Any, fx: Any) -> Any:
+        """CTF of every particle at frequencies ``fy``, ``fx`` (any shape F, 1/Å): (N, *F) float32."""
+        return ctf_at(fy, fx, *(getattr(self, f.name) for f in fields(self)))
 
 
 def ctf_2d(

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from cryostack.core.ctf import CtfParameters
 from cryostack.errors import InvalidArgumentError, NotFoundError
 from cryostack.io.mrc import HEADER_BYTES, parse_header
 from cryostack.io.objectstore import ObjectInfo, ObjectStore, UriLike
@@ -114,6 +115,19 @@ class ParticleTable:
 
     def _float(self, name: str, default: float | None = None) -> np.ndarray:
         return self.column(name, default).astype(np.float64)
+
+    def ctf_parameters(self) -> CtfParameters:
+        """Per-particle CTF parameters (N,) of the set, in the science core's convention."""
+        return CtfParameters(
+            defocus_u_a=self.defocus_u_a,
+            defocus_v_a=self.defocus_v_a,
+            defocus_angle_deg=self.defocus_angle_deg,
+            voltage_kv=self.voltage_kv,
+            cs_mm=self.cs_mm,
+            amplitude_contrast=self.amplitude_contrast,
+            phase_shift_deg=self.phase_shift_deg,
+            bfactor_a2=self.bfactor_a2,
+        )
 
     @property
     def defocus_u_a(self) -> np.ndarray:

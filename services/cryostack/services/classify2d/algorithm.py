@@ -59,7 +59,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cryostack.core.ctf import ctf_at
+from cryostack.core.ctf import CtfParameters
 from cryostack.core.fourier import (
     fft2_centered,
     frequency_radius_px,
@@ -223,28 +223,6 @@ def validate_parameters(params: Classify2DParameters, n_particles: int, box_px: 
             fail("min_particles_per_class", f"{k} classes × {minimum:g} exceeds the {n_particles} particles")
         if cap is not None and minimum > cap:
             fail("min_particles_per_class", f"{minimum:g} exceeds the cap of {cap}")
-
-
-@dataclass(frozen=True)
-class CtfParameters:
-    """Per-particle CTF parameters, each (N,) float64 (CTFFIND/RELION convention, see :mod:`cryostack.core.ctf`)."""
-
-    defocus_u_a: np.ndarray
-    defocus_v_a: np.ndarray
-    defocus_angle_deg: np.ndarray
-    voltage_kv: np.ndarray
-    cs_mm: np.ndarray
-    amplitude_contrast: np.ndarray
-    phase_shift_deg: np.ndarray
-    bfactor_a2: np.ndarray
-
-    def take(self, indices: np.ndarray) -> CtfParameters:
-        """The parameters of the particles at ``indices``."""
-        return CtfParameters(**{name: getattr(self, name)[indices] for name in self.__dataclass_fields__})
-
-    def at(self, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
-        """CTF of every particle at frequencies ``fy``, ``fx`` (1/Å, any shape F): (N, *F) float32."""
-        return ctf_at(fy, fx, *(getattr(self, name) for name in self.__dataclass_fields__))
 
 
 class ParticleSource(Protocol):

@@ -9,28 +9,24 @@ checkpoint when resubmitted; its outputs are those of :mod:`cryostack.services.c
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-
 import grpc
 import numpy as np
 
 from cryostack.classify2d.v1 import classify2d_pb2, classify2d_pb2_grpc
 from cryostack.config import ServiceSettings
-from cryostack.errors import InvalidArgumentError
 from cryostack.io.objectstore import ObjectStore
 from cryostack.io.particles import ParticleStackReader
-from cryostack.io.star import ParticleTable, read_index_list, read_star, subset_indices
 from cryostack.io.uri import S3Uri
 from cryostack.jobs.v1 import jobs_pb2
 from cryostack.runtime import JobContext, JobKind, JobRunner
 from cryostack.runtime.store import MANIFEST_FILE
 from cryostack.services.classify2d import outputs
+from cryostack.services.inputs import ParticleSet, check_class_count, load_particle_set
 from cryostack.services.classify2d.algorithm import (
     PASS_BATCH,
     ClassificationState,
     Classifier2D,
     Classify2DParameters,
-    CtfParameters,
     IterationReport,
     validate_parameters,
 )
@@ -57,29 +53,6 @@ def parameters_from_proto(message: classify2d_pb2.Classify2DParameters) -> Class
     return Classify2DParameters(**values)
 
 
-@dataclass(frozen=True)
-class _Input:
-    """The particle set a request selects."""
-
-    table: ParticleTable  # the selected particles
-    pixel_size_a: float
-    box_px: int
-
-
-def _ctf(table: ParticleTable) -> CtfParameters:
-    """Per-particle CTF parameters of a particle table."""
-    return CtfParameters(
-        defocus_u_a=table.defocus_u_a,
-        defocus_v_a=table.defocus_v_a,
-        defocus_angle_deg=table.defocus_angle_deg,
-        voltage_kv=table.voltage_kv,
-        cs_mm=table.cs_mm,
-        amplitude_contrast=table.amplitude_contrast,
-        phase_shift_deg=table.phase_shift_deg,
-        bfactor_a2=table.bfactor_a2,
-    )
-
-
 class Classify2DJobs:
     """Validation and execution of 2D classification jobs against one object store."""
 
@@ -87,47 +60,15 @@ class Classify2DJobs:
         self.objects = objects
         self.settings = settings
 
-    def load_input(self, request: classify2d_pb2.SubmitClassify2DRequest) -> _Input:
-        """Read the STAR, apply the subset and check the set against the service's limits."""
-        if not request.particles_uri:
-            raise InvalidArgumentError("particles_uri", "is required")
-        if not request.output_uri:
-            raise InvalidArgumentError("output_uri", "is required")
-        S3Uri.parse(request.output_uri, "output_uri")
-        star_uri = S3Uri.parse(request.particles_uri, "particles_uri").require_object()
-        table = read_star(self.objects, star_uri)
-        if request.HasField("subset"):
-            table = table.take(self._subset(request.subset, len(table)))
-        if len(table) == 0:
-            raise InvalidArgumentError("particles_uri", "the particle set is empty")
-        pixel_sizes = np.unique(table.pixel_size_a)
-        if pixel_sizes.size != 1:
-            raise InvalidArgumentError("particles_uri", f"particles have {pixel_sizes.size} different pixel sizes")
-        box_px = table.box_size_px
-        if box_px > self.settings.max_box_size_px:
-            raise InvalidArgumentError("particles_uri", f"box {box_px} exceeds this service's limit "
-                                                        f"{self.settings.max_box_size_px}")
-        if len(table) > self.settings.max_particles:
-            raise InvalidArgumentError("particles_uri", f"{len(table)} particles exceed this service's limit "
-                                                        f"{self.settings.max_particles}")
-        return _Input(table=table, pixel_size_a=float(pixel_sizes[0]), box_px=box_px)
-
-    def _subset(self, subset: object, n_particles: int) -> np.ndarray:
-        which = subset.WhichOneof("selection")  # type: ignore[attr-defined]
-        if which == "random":
-            return subset_indices(n_particles, count=int(subset.random.particle_count),  # type: ignore[attr-defined]
-                                  seed=int(subset.random.seed))  # type: ignore[attr-defined]
-        if which == "index_list_uri":
-            indices = read_index_list(self.objects, subset.index_list_uri)  # type: ignore[attr-defined]
-            return subset_indices(n_particles, indices=indices)
-        raise InvalidArgumentError("subset", "choose a random subset or an index list")
+    def load_input(self, request: classify2d_pb2.SubmitClassify2DRequest) -> ParticleSet:
+        """The particle set the request selects, checked against the service's limits."""
+        subset = request.subset if request.HasField("subset") else None
+        return load_particle_set(self.objects, self.settings, request.particles_uri, request.output_uri, subset)
 
     def validate(self, request: classify2d_pb2.SubmitClassify2DRequest) -> None:
         """Everything that can be checked before the job starts; raises before any state is written."""
         params = parameters_from_proto(request.parameters)
-        if params.class_count > self.settings.max_classes:
-            raise InvalidArgumentError("parameters.class_count",
-                                       f"{params.class_count} exceeds this service's limit {self.settings.max_classes}")
+        check_class_count(params.class_count, self.settings)
         selected = self.load_input(request)
         validate_parameters(params, len(selected.table), selected.box_px, selected.pixel_size_a)
 
@@ -138,7 +79,7 @@ class Classify2DJobs:
         params = parameters_from_proto(request.parameters)
         selected = self.load_input(request)
         reader = ParticleStackReader(self.objects, selected.table, request.particles_uri, batch_size=PASS_BATCH)
-        classifier = Classifier2D(params, reader, selected.pixel_size_a, _ctf(selected.table), context.seed)
+        classifier = Classifier2D(params, reader, selected.pixel_size_a, selected.table.ctf_parameters(), context.seed)
         saved = context.load_checkpoint(CHECKPOINT)
         state = ClassificationState.from_bytes(saved) if saved is not None else None
         n_particles = len(selected.table)
