@@ -57,9 +57,11 @@ def stage_client(service: str) -> Iterator[JobClient]:
             server.stop(0).wait()
 
 
-def follow(client: JobClient, job: jobs_pb2.Job, *, stream: TextIO = sys.stderr) -> jobs_pb2.Job:
-    """Print the job's progress messages as they arrive; return the job once it has ended."""
+def follow(client: JobClient, job: jobs_pb2.Job, *, stream: TextIO | None = None) -> jobs_pb2.Job:
+    """Print the job's progress messages as they arrive (to stderr by default); return the job once it ended."""
     from cryostack.jobs.v1 import jobs_pb2  # noqa: PLC0415
+
+    stream = stream or sys.stderr
 
     for update in client.watch(job.name):
         job = update
@@ -69,12 +71,14 @@ def follow(client: JobClient, job: jobs_pb2.Job, *, stream: TextIO = sys.stderr)
 
 
 def submit_and_follow(
-    command: str, client: JobClient, method: str, request: Message, *, stream: TextIO = sys.stderr
+    command: str, client: JobClient, method: str, request: Message, *, stream: TextIO | None = None
 ) -> StageRun:
     """Submit `request` through the Submit RPC `method`, follow the job to its end and say how it ended."""
     import grpc  # noqa: PLC0415
 
     from cryostack.jobs.v1 import jobs_pb2  # noqa: PLC0415
+
+    stream = stream or sys.stderr
 
     try:
         job = client.submit(method, request)
