@@ -1,0 +1,1 @@
+"""Ab-initio reconstruction service: algorithm, outputs and gRPC servicer."""

@@ -1,0 +1,970 @@
+"""Ab-initio reconstruction of K volumes from particle images alone (SPEC §5.2).
+
+Model. Particle ``i`` is ``X_i = CTF_i · P(V_k, A)`` shifted by ``s``, plus noise, for one class ``k``, one pose
+``A`` on a near-uniform SO(3) grid and one shift ``s`` on a grid, with Gaussian noise whose power ``σ²(ν)``
+depends only on the spatial frequency. The MAP objective is ``Σ_i log Σ_{k,A,s} π_k p(X_i | V_k, A, s) + log p(V)``
+with a Gaussian prior on the Fourier coefficients of each ``V_k`` whose power ``τ²(ν)`` comes from the FSC of two
+half-sets (SPEC §4, ``T = 4``).
+
+Optimiser. Stochastic approximation on minibatches (online EM, the "VDAM-like" scheme of the issue): each
+iteration scores a random minibatch against every class × SO(3) grid rotation × shift, marginalising over all of
+them with the CTF and the noise model; it forms the posterior-weighted back-projections of the data
+``Σ w·CTF·X/σ²`` and of its curvature ``Σ w·CTF²/σ²`` per class and moves running averages of both towards them by
+the learning rate ``η_t``. Each class volume is the Wiener/MAP solution of its averaged statistics, so a step is a
+preconditioned gradient step on the MAP objective, the preconditioner being the running curvature; at ``η = 1``
+it jumps to the minibatch's own MAP volume. ``η_t`` stays at ``learning_rate_initial`` for the first half of the
+initial iterations, then decays as ``1 / t`` to the averaging regime, never below ``minibatch / N`` (an epoch).
+
+Before each E-step the class volumes are constrained in real space, as cryoSPARC does: a soft spherical window,
+non-negativity above the solvent level and re-centring on the centre of mass. The constraints shape the templates
+only; the running statistics stay those of the data.
+
+Schedules. Over the ``initial_iterations`` the minibatch grows from ``minibatch_size_initial`` to
+``minibatch_size_final`` and the resolution marches linearly in spatial frequency from ``initial_resolution_a``
+to ``max_resolution_a``; the ``final_iterations`` run at the final values. Class similarity ``s`` mixes every
+particle's class posteriors with the uniform distribution, ``(1 - s)·γ_k + s / K``, so that every class sees a
+share of every particle and none collapses before the classes have differentiated; it stays at
+``class_similarity_initial`` until 60% of all iterations and anneals to ``class_similarity_final`` by 70%.
+
+Noise model and temperature. ``σ²`` per shell is a running average of the residual power at each particle's best
+pose with a memory of :data:`_NOISE_MEMORY_IMAGES` images (or a tenth of the run's particle visits, when that is
+fewer, so that a short run still reaches its data's noise level). It starts from the images' own power spectrum scaled
+by a factor chosen on the first minibatch so that about :data:`_TARGET_ESS_FRACTION` of all poses carry
+significant posterior weight (cryoSPARC's target effective sample size); as residuals replace the inflated start,
+the posteriors sharpen, an annealing that needs no schedule.
+
+Pose search. Coarse to fine per class, as in RELION's adaptive sampling: the whole SO(3) grid (level 1 or 2,
+30° or 15°, chosen from the resolution) with a shift lattice of twice the fine step, on the coefficients inside
+twice the resolution (at least :data:`_COARSE_MIN_SHELLS` shells); then, on every coefficient, the union of the
+particles' best coarse rotations (or, in the final pass, their children on the next grid) against a local shift
+lattice around each particle's best coarse shift. Posteriors are kept where they exceed
+:data:`_POSTERIOR_FLOOR` and back-projected aggregated per rotation.
+
+Initial volumes. Class ``k`` starts from the reconstruction of its own random subset of particles at uniformly
+random poses (a seeded draw): a blob of the right size and grey scale with a little random structure.
+
+Final pass. After the last iteration every particle is scored at the maximum resolution with the refined search;
+its class posteriors, best pose and shift are reported, and each class volume is reconstructed from all
+particles' posteriors with the Wiener filter of the FSC between two random half-sets, so the volumes are on the
+grey scale of the data and refinement can start from them without rescaling.
+
+Working box. Only coefficients inside the maximum resolution (plus a taper) are ever used, so each particle's
+transform is cropped once to a half-plane list of them, sorted by frequency so that every resolution is a prefix,
+and the volumes live on a Fourier-cropped box ``D_w`` just large enough to hold them. Integer frequencies are the
+same in both boxes; output volumes are Fourier-padded back to the particles' box ``D``.
+
+Randomness. Every draw comes from a generator seeded by ``(seed, purpose, iteration)``, so a run resumed from a
+checkpoint of its state continues exactly as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+
+from cryostack.core.ctf import ctf_at
+from cryostack.core.fourier import fft2_centered, fft3_centered, ifft3_centered, resolution_to_shell
+from cryostack.core.fsc import fsc_curve, resolution_at_threshold
+from cryostack.core.geometry import matrix_to_euler, uniform_random_rotations
+from cryostack.core.poses import shift_step_px, so3_children, so3_grid_matrices, so3_level_for_step
+from cryostack.core.projection import FourierAccumulator, Projector
+from cryostack.core.reconstruction import reconstruct_from_sums
+from cryostack.core.scoring import iter_log_likelihoods, iter_posteriors, log_likelihoods, shift_phase_ramps
+from cryostack.errors import InvalidArgumentError
+
+# Streams of the job's seed, one per purpose, so that draws for one purpose never shift another's.
+_STREAM_INIT = 1
+_STREAM_MINIBATCH = 2
+_STREAM_HALVES = 3
+
+# Coefficients kept beyond the maximum resolution (in shells), so the final maps end in a taper, not a cliff.
+_TAPER_SHELLS = 2.0
+# Fraction of the box diameter the particle is assumed to span when sizing the angular sampling.
+_PARTICLE_DIAMETER_FRACTION = 0.6
+# Levels of the global SO(3) search during the iterations (level 1: 30°, level 2: 15°).
+_MIN_SEARCH_LEVEL = 1
+_MAX_SEARCH_LEVEL = 2
+# The coarse stage of the search scores at half the resolution, but on at least this many shells.
+_COARSE_MIN_SHELLS = 6.0
+# Best coarse rotations per particle carried to the fine stage, and parents refined on the finer grid.
+_COARSE_KEEP = 16
+_REFINE_PARENTS = 4
+# Posteriors (normalised per particle and class) below this are neither back-projected nor kept.
+_POSTERIOR_FLOOR = 1e-4
+# Memory of the running noise estimate, in images (cryoSPARC's "noise initw"), at most this fraction of the run.
+_NOISE_MEMORY_IMAGES = 5000.0
+_NOISE_MEMORY_FRACTION = 0.1
+# Fraction of all poses that should carry significant weight at the first iteration (cryoSPARC's 0.011).
+_TARGET_ESS_FRACTION = 0.011
+# Running-average rate of the class occupancy, and the floor of a class prior as a fraction of uniform.
+_PRIOR_RATE = 0.1
+_MIN_PRIOR_FRACTION = 0.05
+# Class similarity holds until this fraction of all iterations and reaches its final value at the second.
+_SIMILARITY_ANNEAL = (0.6, 0.7)
+# Iterations between re-measurements of the running half-set FSC.
+_FSC_EVERY = 5
+# Real-space window: full weight inside this fraction of the box radius, a cosine edge to the second.
+_WINDOW_RADII = (0.8, 0.95)
+# Voxels beyond this fraction of the box radius are solvent; their median is the zero of non-negativity.
+_SOLVENT_RADIUS = 0.8
+
+
+@dataclass(frozen=True)
+class AbinitioParameters:
+    """Every parameter of ab-initio reconstruction (defaults from SPEC §5.2 / cryoSPARC)."""
+
+    class_count: int = 1
+    minibatch_size_initial: int = 90
+    minibatch_size_final: int = 300
+    initial_resolution_a: float = 35.0
+    max_resolution_a: float = 12.0
+    learning_rate_initial: float = 0.4
+    class_similarity_initial: float = 0.1
+    class_similarity_final: float = 0.0
+    initial_iterations: int = 200
+    final_iterations: int = 300
+    max_shift_px: float | None = None  # radius of the global translational search; None: 10% of the box
+
+    @property
+    def total_iterations(self) -> int:
+        """Number of minibatch iterations of a run."""
+        return self.initial_iterations + self.final_iterations
+
+    def check(self, n_particles: int | None = None, pixel_size_a: float | None = None) -> None:
+        """Raise :class:`InvalidArgumentError` naming the first out-of-range parameter."""
+        checks: list[tuple[str, bool, str]] = [
+            ("class_count", self.class_count >= 1, f"must be at least 1, got {self.class_count}"),
+            ("minibatch_size_initial", self.minibatch_size_initial >= 1, "must be at least 1"),
+            (
+                "minibatch_size_final",
+                self.minibatch_size_final >= self.minibatch_size_initial,
+                f"{self.minibatch_size_final} is below minibatch_size_initial {self.minibatch_size_initial}",
+            ),
+            ("initial_resolution_a", _finite_positive(self.initial_resolution_a), "must be positive"),
+            ("max_resolution_a", _finite_positive(self.max_resolution_a), "must be positive"),
+            (
+                "initial_resolution_a",
+                self.initial_resolution_a >= self.max_resolution_a,
+                f"{self.initial_resolution_a:g} Å is finer than max_resolution_a {self.max_resolution_a:g} Å",
+            ),
+            (
+                "learning_rate_initial",
+                _finite_positive(self.learning_rate_initial) and self.learning_rate_initial <= 1,
+                f"must lie in (0, 1], got {self.learning_rate_initial:g}",
+            ),
+            ("class_similarity_initial", 0 <= self.class_similarity_initial <= 1, "must lie in [0, 1]"),
+            (
+                "class_similarity_final",
+                0 <= self.class_similarity_final <= self.class_similarity_initial,
+                "must lie in [0, class_similarity_initial]",
+            ),
+            ("initial_iterations", self.initial_iterations >= 0, "must be non-negative"),
+            ("final_iterations", self.final_iterations >= 0, "must be non-negative"),
+            ("final_iterations", self.total_iterations >= 1, "initial + final iterations must be at least 1"),
+            (
+                "max_shift_px",
+                self.max_shift_px is None or (math.isfinite(self.max_shift_px) and self.max_shift_px >= 0),
+                "must be non-negative",
+            ),
+        ]
+        if pixel_size_a is not None:
+            nyquist_a = 2.0 * pixel_size_a
+            checks.append((
+                "max_resolution_a",
+                self.max_resolution_a >= nyquist_a * (1 - 1e-9),
+                f"{self.max_resolution_a:g} Å is finer than the Nyquist limit {nyquist_a:g} Å "
+                f"(pixel size {pixel_size_a:g} Å)",
+            ))
+        if n_particles is not None:
+            checks.append((
+                "class_count",
+                self.class_count <= n_particles,
+                f"{self.class_count} classes for {n_particles} particles",
+            ))
+        for name, ok, reason in checks:
+            if not ok:
+                raise InvalidArgumentError(name, reason)
+
+
+def _finite_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class CtfParameters:
+    """Per-particle CTF parameters, every array ``(N,)`` (RELION/CTFFIND convention, units in the names)."""
+
+    defocus_u_a: np.ndarray
+    defocus_v_a: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kv: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    phase_shift_deg: np.ndarray
+    bfactor_a2: np.ndarray
+
+    def take(self, rows: np.ndarray) -> CtfParameters:
+        """The parameters of the given particles."""
+        return CtfParameters(**{name: np.asarray(getattr(self, name))[rows] for name in self.__dataclass_fields__})
+
+    def at(self, rows: np.ndarray, fy_inv_a: np.ndarray, fx_inv_a: np.ndarray) -> np.ndarray:
+        """CTF of particles ``rows`` at frequencies (C,) in 1/Å: (n, C) float32."""
+        p = self.take(rows)
+        return ctf_at(
+            fy_inv_a, fx_inv_a, p.defocus_u_a, p.defocus_v_a, p.defocus_angle_deg, p.voltage_kv, p.cs_mm,
+            p.amplitude_contrast, p.phase_shift_deg, p.bfactor_a2,
+        )
+
+
+@dataclass(frozen=True)
+class SpectralLayout:
+    """The half-plane Fourier coefficients kept per particle, sorted by frequency (every limit is a prefix)."""
+
+    box_px: int  # D, the particles' box
+    pixel_size_a: float
+    ky: np.ndarray  # (C,) int64 centred integer frequencies
+    kx: np.ndarray  # (C,) int64
+    radius: np.ndarray  # (C,) float64 |k| in shells
+    shell: np.ndarray  # (C,) int64 round(|k|)
+    working_box_px: int  # D_w: the Fourier-cropped box the volumes live on
+
+    @classmethod
+    def for_resolution(cls, box_px: int, pixel_size_a: float, max_resolution_a: float) -> SpectralLayout:
+        """Coefficients with ``0 < |k| <= r_max + taper`` on one half-plane (``ky > 0``, or ``ky = 0, kx > 0``)."""
+        limit = min(resolution_to_shell(box_px, pixel_size_a, max_resolution_a) + _TAPER_SHELLS, box_px // 2)
+        k = np.arange(box_px) - box_px // 2
+        ky, kx = (a.ravel() for a in np.meshgrid(k, k, indexing="ij"))
+        radius = np.hypot(ky, kx)
+        keep = ((ky > 0) | ((ky == 0) & (kx > 0))) & (radius <= limit + 1e-9)
+        order = np.argsort(radius[keep], kind="stable")
+        ky, kx, radius = ky[keep][order], kx[keep][order], radius[keep][order]
+        working = min(box_px, 2 * int(np.ceil(limit)) + 4)
+        if working < box_px:
+            working += working % 2
+        return cls(box_px, float(pixel_size_a), ky, kx, radius, np.rint(radius).astype(np.int64), working)
+
+    @property
+    def n_coefficients(self) -> int:
+        """Number of coefficients C kept per particle."""
+        return int(self.ky.shape[0])
+
+    @property
+    def n_shells(self) -> int:
+        """Shells 0 .. D_w // 2 of the working box."""
+        return self.working_box_px // 2 + 1
+
+    @property
+    def working_pixel_size_a(self) -> float:
+        """Voxel size of the working box, in Å."""
+        return self.box_px * self.pixel_size_a / self.working_box_px
+
+    def count_within(self, resolution_a: float) -> int:
+        """How many leading coefficients lie inside ``resolution_a``."""
+        r = resolution_to_shell(self.box_px, self.pixel_size_a, resolution_a)
+        return int(np.searchsorted(self.radius, r + 1e-9, side="right"))
+
+    def flat_indices(self, box_px: int) -> np.ndarray:
+        """Flat indices (C,) of the coefficients in a centred ``box_px``² grid."""
+        half = box_px // 2
+        return (self.ky + half) * box_px + (self.kx + half)
+
+    def frequencies_inv_a(self) -> tuple[np.ndarray, np.ndarray]:
+        """Spatial frequencies (fy, fx) in 1/Å of the coefficients: two (C,) float64."""
+        scale = 1.0 / (self.box_px * self.pixel_size_a)
+        return self.ky * scale, self.kx * scale
+
+    def shell_sum(self, values: np.ndarray) -> np.ndarray:
+        """Sum of per-coefficient values (C',) of the first C' coefficients over each shell: (n_shells,)."""
+        c = values.shape[-1]
+        return np.bincount(self.shell[:c], weights=values, minlength=self.n_shells)[: self.n_shells]
+
+    def shell_count(self, count: int) -> np.ndarray:
+        """How many of the first ``count`` coefficients fall in each shell: (n_shells,) int64."""
+        return np.bincount(self.shell[:count], minlength=self.n_shells)[: self.n_shells]
+
+
+@dataclass
+class ParticleSpectra:
+    """Every particle's kept Fourier coefficients and CTF parameters, in memory for random minibatch access."""
+
+    layout: SpectralLayout
+    coefficients: np.ndarray  # (N, C) complex64, centred transforms at the layout's coefficients
+    ctf: CtfParameters
+    power: np.ndarray  # (n_shells,) float64 mean |X|² per coefficient and shell (signal plus noise)
+
+    @property
+    def n_particles(self) -> int:
+        """Number of particles N."""
+        return int(self.coefficients.shape[0])
+
+
+def collect_spectra(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    n_particles: int,
+    ctf: CtfParameters,
+    layout: SpectralLayout,
+) -> ParticleSpectra:
+    """Transform image batches ``(rows (B,), images (B, D, D))`` once and keep the layout's coefficients."""
+    flat = layout.flat_indices(layout.box_px)
+    coefficients = np.zeros((n_particles, layout.n_coefficients), dtype=np.complex64)
+    seen = np.zeros(n_particles, dtype=bool)
+    for rows, images in batches:
+        transforms = fft2_centered(np.asarray(images, dtype=np.float32))  # (B, D, D) complex64
+        coefficients[rows] = transforms.reshape(len(rows), -1)[:, flat]
+        seen[rows] = True
+    if not seen.all():
+        raise InvalidArgumentError("particles", f"{int((~seen).sum())} of {n_particles} particles were never read")
+    mean_power = (coefficients.real**2 + coefficients.imag**2).mean(axis=0, dtype=np.float64)  # (C,)
+    counts = layout.shell_count(layout.n_coefficients)
+    power = _fill_empty_shells(np.where(counts > 0, layout.shell_sum(mean_power) / np.maximum(counts, 1), 0.0))
+    return ParticleSpectra(layout=layout, coefficients=coefficients, ctf=ctf, power=power)
+
+
+@dataclass
+class AbinitioState:
+    """Everything a run carries from one iteration to the next (what a checkpoint stores)."""
+
+    iteration: int  # iterations completed
+    data: np.ndarray  # (K, 2, P, P, P) complex64 running Σ w·CTF·X/σ² per class and half-set, per particle
+    weight: np.ndarray  # (K, 2, P, P, P) float32 running Σ w·CTF²/σ², per particle
+    noise_sum: np.ndarray  # (n_shells,) float64 running Σ residual power (per coefficient) over images
+    noise_weight: np.ndarray  # (n_shells,) float64 running image count behind ``noise_sum``
+    class_mass: np.ndarray  # (K,) float64 running class occupancy
+    fsc: np.ndarray  # (K, n_shells) float64 FSC of the running half-set maps, refreshed every few iterations
+
+    @property
+    def noise_power(self) -> np.ndarray:
+        """σ² per shell of the working box: (n_shells,) float64."""
+        return self.noise_sum / self.noise_weight
+
+    @property
+    def log_prior(self) -> np.ndarray:
+        """Class log-priors from the running occupancy, each at least a fraction of uniform: (K,)."""
+        k_count = self.class_mass.shape[0]
+        prior = np.maximum(self.class_mass, _MIN_PRIOR_FRACTION / k_count)
+        return np.log(prior / prior.sum())
+
+    def to_bytes(self) -> bytes:
+        """Serialise as ``.npz`` (no pickle)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, iteration=np.int64(self.iteration), data=self.data, weight=self.weight,
+                 noise_sum=self.noise_sum, noise_weight=self.noise_weight, class_mass=self.class_mass, fsc=self.fsc)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> AbinitioState:
+        """Read back what :meth:`to_bytes` wrote."""
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            return cls(iteration=int(z["iteration"]), data=z["data"], weight=z["weight"], noise_sum=z["noise_sum"],
+                       noise_weight=z["noise_weight"], class_mass=z["class_mass"], fsc=z["fsc"])
+
+
+@dataclass(frozen=True)
+class IterationReport:
+    """What one iteration did, for progress reports."""
+
+    iteration: int  # counted from 1
+    total_iterations: int
+    resolution_a: float
+    minibatch_size: int
+    learning_rate: float
+    class_similarity: float
+    so3_level: int
+    class_fractions: np.ndarray  # (K,) running class occupancy
+    objective: float  # mean log-evidence per particle of the minibatch, per scored coefficient
+    half_map_resolution_a: np.ndarray  # (K,) FSC-0.143 resolution of the running half-set maps
+
+
+@dataclass(frozen=True)
+class AbinitioResult:
+    """The outcome of a run: volumes on the particles' box and per-particle assignments."""
+
+    volumes: np.ndarray  # (K, D, D, D) float32, Wiener-filtered, on the grey scale of the data
+    class_posteriors: np.ndarray  # (N, K) float32
+    rotations: np.ndarray  # (N, 3, 3) float64 best pose (RELION matrix) within the best class
+    shift_px: np.ndarray  # (N, 2) float32 best image shift (x, y): the particle is its projection moved by it
+    half_map_fsc: np.ndarray  # (K, D_w // 2 + 1) float64 FSC of each class's half-set maps
+    resolution_a: np.ndarray  # (K,) FSC-0.143 resolution of each class's half-set maps
+    final_resolution_a: float  # the resolution the frequency marching ended at
+    pixel_size_a: float
+
+    @property
+    def best_class(self) -> np.ndarray:
+        """Most probable class of every particle, 0-based: (N,) int64."""
+        return np.argmax(self.class_posteriors, axis=1)
+
+    @property
+    def class_sizes(self) -> np.ndarray:
+        """Particles per class by most probable class: (K,) int64."""
+        return np.bincount(self.best_class, minlength=self.class_posteriors.shape[1])
+
+    @property
+    def euler_deg(self) -> np.ndarray:
+        """RELION ``(rot, tilt, psi)`` in degrees of the best poses: (N, 3) float64."""
+        rot, tilt, psi = matrix_to_euler(self.rotations)
+        return np.stack([rot, tilt, psi], axis=1)
+
+    @property
+    def origin_xy_a(self) -> np.ndarray:
+        """RELION 3.1 ``rlnOriginXAngst/YAngst`` of the best shifts: (N, 2) float64."""
+        return -self.shift_px.astype(np.float64) * self.pixel_size_a
+
+
+@dataclass(frozen=True)
+class _Posteriors:
+    """The significant poses of a batch of particles in one class, as sparse entries."""
+
+    count: int  # coefficients scored (the resolution limit)
+    rotations: np.ndarray  # (M, 3, 3) the rotations ``template`` refers to
+    shifts_px: np.ndarray  # (S, 2) the shift lattice ``shift`` refers to, relative to each particle's centre
+    centre_px: np.ndarray  # (n, 2) per-particle shift the lattice is centred on
+    particle: np.ndarray  # (E,) int64 entry's particle (row in the batch)
+    template: np.ndarray  # (E,) int64
+    shift: np.ndarray  # (E,) int64
+    weight: np.ndarray  # (E,) float32 posterior within the class (each particle's entries sum to about 1)
+    log_evidence: np.ndarray  # (n,) float64 log Σ_{A,s} exp(LL / T) over the scored poses
+    best_template: np.ndarray  # (n,) int64
+    best_shift: np.ndarray  # (n,) int64
+
+
+class AbinitioRun:
+    """One ab-initio run over a particle set: :meth:`step` through the iterations, then :meth:`finish`."""
+
+    def __init__(self, spectra: ParticleSpectra, params: AbinitioParameters, seed: int,
+                 state: AbinitioState | None = None) -> None:
+        """Start a run (fresh random initial volumes) or continue one from ``state`` (a checkpoint)."""
+        params.check(spectra.n_particles, spectra.layout.pixel_size_a)
+        self.spectra = spectra
+        self.params = params
+        self.seed = int(seed)
+        self.layout = spectra.layout
+        self.working_box = self.layout.working_box_px
+        self.padded_box = 2 * self.working_box
+        self.flat_working = self.layout.flat_indices(self.working_box)  # (C,) into the D_w grid
+        self.flat_particle = self.layout.flat_indices(self.layout.box_px)  # (C,) into the D grid
+        self.fy, self.fx = self.layout.frequencies_inv_a()
+        self.max_shift_px = 0.1 * self.layout.box_px if params.max_shift_px is None else params.max_shift_px
+        halves = np.random.default_rng(self._seed_sequence(_STREAM_HALVES, 0))
+        self.half_set = halves.integers(0, 2, spectra.n_particles)  # (N,) 0 or 1
+        self._window, self._solvent = _real_space_masks(self.working_box)
+        visits = sum(self.minibatch_size_at(i) for i in range(params.total_iterations))
+        self.noise_memory = min(_NOISE_MEMORY_IMAGES, _NOISE_MEMORY_FRACTION * visits)
+        if state is None:
+            self.state = self._initial_state()
+            self._volumes = self._current_volumes(refresh_fsc=True)
+            self._calibrate_noise()
+        else:
+            self.state = state
+            self._volumes = self._current_volumes(refresh_fsc=False)
+
+    # ----------------------------------------------------------------------------------------------- schedules
+
+    def _seed_sequence(self, stream: int, iteration: int) -> np.random.SeedSequence:
+        return np.random.SeedSequence(self.seed, spawn_key=(stream, iteration))
+
+    def _marching(self, iteration: int) -> float:
+        """Fraction of the initial (marching) iterations done before ``iteration`` (0-based), in [0, 1]."""
+        if self.params.initial_iterations <= 1:
+            return 1.0
+        return min(iteration / (self.params.initial_iterations - 1), 1.0)
+
+    def resolution_at(self, iteration: int) -> float:
+        """Resolution (Å) of an iteration: linear in spatial frequency over the initial iterations."""
+        f = self._marching(iteration)
+        p = self.params
+        return 1.0 / ((1 - f) / p.initial_resolution_a + f / p.max_resolution_a)
+
+    def minibatch_size_at(self, iteration: int) -> int:
+        """Minibatch size of an iteration (at most the particle count)."""
+        p = self.params
+        size = p.minibatch_size_initial + (p.minibatch_size_final - p.minibatch_size_initial) * self._marching(iteration)
+        return int(min(round(size), self.spectra.n_particles))
+
+    def class_similarity_at(self, iteration: int) -> float:
+        """Class similarity of an iteration: held, then annealed linearly (see the module docstring)."""
+        p = self.params
+        start, end = (f * p.total_iterations for f in _SIMILARITY_ANNEAL)
+        f = min(max((iteration - start) / max(end - start, 1.0), 0.0), 1.0)
+        return p.class_similarity_initial + (p.class_similarity_final - p.class_similarity_initial) * f
+
+    def learning_rate_at(self, iteration: int, minibatch: int) -> float:
+        """Learning rate: ``η0`` for half the initial iterations, then ``η0 · t_h / t``, at least ``minibatch / N``."""
+        hold = max(1.0, 0.5 * self.params.initial_iterations)
+        rate = self.params.learning_rate_initial * min(1.0, hold / max(iteration + 1, 1))
+        return float(min(1.0, max(rate, minibatch / self.spectra.n_particles)))
+
+    def so3_level_at(self, resolution_a: float) -> int:
+        """Level of the global search: a step that moves the particle's rim by about the resolution."""
+        diameter_a = _PARTICLE_DIAMETER_FRACTION * self.layout.box_px * self.layout.pixel_size_a
+        step_deg = math.degrees(2.0 * resolution_a / diameter_a)
+        return int(min(max(so3_level_for_step(step_deg), _MIN_SEARCH_LEVEL), _MAX_SEARCH_LEVEL))
+
+    # ------------------------------------------------------------------------------------------------ volumes
+
+    def _initial_state(self) -> AbinitioState:
+        """Random initial volumes: each class from its own random subset at uniformly random poses."""
+        k_count, p = self.params.class_count, self.padded_box
+        n_shells = self.layout.n_shells
+        power = self.spectra.power[:n_shells].astype(np.float64)
+        state = AbinitioState(
+            iteration=0,
+            data=np.zeros((k_count, 2, p, p, p), dtype=np.complex64),
+            weight=np.zeros((k_count, 2, p, p, p), dtype=np.float32),
+            noise_sum=self.noise_memory * power,
+            noise_weight=np.full(n_shells, self.noise_memory),
+            class_mass=np.full(k_count, 1.0 / k_count),
+            fsc=np.zeros((k_count, n_shells)),
+        )
+        rng = np.random.default_rng(self._seed_sequence(_STREAM_INIT, 0))
+        count = self.layout.count_within(self.params.initial_resolution_a)
+        size = min(self.spectra.n_particles, max(self.params.minibatch_size_initial, 2))
+        inv_var = (1.0 / power[self.layout.shell[:count]]).astype(np.float32)
+        for k in range(k_count):
+            rows = np.sort(rng.choice(self.spectra.n_particles, size=size, replace=False))
+            rotations = uniform_random_rotations(size, rng)  # (n, 3, 3)
+            x = self.spectra.coefficients[rows, :count]
+            ctf = self.spectra.ctf.at(rows, self.fy[:count], self.fx[:count])  # (n, C)
+            for half in (0, 1):
+                take = self.half_set[rows] == half
+                accumulator = FourierAccumulator(self.working_box)
+                accumulator.insert((x * ctf * inv_var)[take], rotations[take], (ctf * ctf * inv_var)[take],
+                                   coefficients=self.flat_working[:count])
+                data, weight = accumulator.padded_sums()
+                state.data[k, half] = data / size
+                state.weight[k, half] = weight / size
+        return state
+
+    def _calibrate_noise(self) -> None:
+        """Scale the starting noise power so the first minibatch's posteriors reach the target ESS fraction."""
+        rows = np.sort(
+            np.random.default_rng(self._seed_sequence(_STREAM_MINIBATCH, 0)).choice(
+                self.spectra.n_particles, size=self.minibatch_size_at(0), replace=False
+            )
+        )
+        resolution = self.resolution_at(0)
+        count = self.layout.count_within(resolution)
+        shifts = _shift_lattice(shift_step_px(resolution, self.layout.pixel_size_a), self.max_shift_px)
+        rotations = so3_grid_matrices(self.so3_level_at(resolution))
+        templates = Projector(self._volumes[0]).project(rotations, coefficients=self.flat_working[:count])
+        x, ctf = self._particle_terms(rows, count, np.zeros((rows.size, 2), dtype=np.float32))
+        noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
+        ramps = shift_phase_ramps(shifts, self.layout.box_px, self.flat_particle[:count])
+        # One block of log-likelihoods (n, S, M); a temperature T scales every σ² by T.
+        ll = np.asarray(log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps))
+        ll = ll.reshape(rows.size, -1).astype(np.float64)
+        ll -= ll.max(axis=1, keepdims=True)
+        target = _TARGET_ESS_FRACTION * ll.shape[1]
+
+        def ess(temperature: float) -> float:
+            p = np.exp(ll / temperature)
+            return float(np.mean(p.sum(axis=1) ** 2 / (p * p).sum(axis=1)))
+
+        low, high = 0.0, math.log(1e6)  # bisection on log T over [1, 1e6]
+        if ess(1.0) >= target:
+            return
+        for _ in range(40):
+            mid = 0.5 * (low + high)
+            if ess(math.exp(mid)) < target:
+                low = mid
+            else:
+                high = mid
+        self.state.noise_sum = self.state.noise_sum * math.exp(high)
+
+    def _current_volumes(self, refresh_fsc: bool) -> np.ndarray:
+        """Constrained MAP volumes of the running statistics on the working box: (K, D_w, D_w, D_w) float32.
+
+        The half-set FSC that sets the Wiener filter changes slowly; it is re-measured when ``refresh_fsc``.
+        """
+        k_count = self.params.class_count
+        volumes = np.empty((k_count,) + (self.working_box,) * 3, dtype=np.float32)
+        for k in range(k_count):
+            if refresh_fsc:
+                self.state.fsc[k] = self._half_set_fsc(self.state.data[k], self.state.weight[k])
+            merged = self._wiener(self.state.data[k], self.state.weight[k], self.state.fsc[k])
+            volumes[k] = _constrain(merged, self._window, self._solvent)
+        return volumes
+
+    def _half_set_fsc(self, data: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """FSC (n_shells,) of the plainly regularised half-set maps of sums (2, P, P, P)."""
+        halves = [reconstruct_from_sums(data[h], weight[h], self.working_box, 3) for h in (0, 1)]
+        return np.asarray(fsc_curve(halves[0], halves[1]), dtype=np.float64)
+
+    def _wiener(self, data: np.ndarray, weight: np.ndarray, fsc: np.ndarray) -> np.ndarray:
+        """Wiener map (D_w³) of both half-sets' sums (2, P, P, P), filtered with the full-data FSC of ``fsc``."""
+        clipped = np.clip(fsc, 0.0, 1.0)
+        return reconstruct_from_sums(data.sum(axis=0), weight.sum(axis=0), self.working_box, 3,
+                                     fsc=2 * clipped / (1 + clipped))
+
+    def half_map_resolution_a(self) -> np.ndarray:
+        """FSC-0.143 resolution (Å) of each class's running half-set maps: (K,)."""
+        pixel = self.layout.working_pixel_size_a
+        return np.array([resolution_at_threshold(f, self.working_box, pixel, 0.143) for f in self.state.fsc])
+
+    # ---------------------------------------------------------------------------------------------- iteration
+
+    @property
+    def done(self) -> bool:
+        """True once every iteration has run."""
+        return self.state.iteration >= self.params.total_iterations
+
+    def step(self) -> IterationReport:
+        """Run the next iteration on a fresh minibatch and return its report."""
+        it = self.state.iteration
+        p = self.params
+        resolution = self.resolution_at(it)
+        size = self.minibatch_size_at(it)
+        rate = self.learning_rate_at(it, size)
+        similarity = self.class_similarity_at(it)
+        level = self.so3_level_at(resolution)
+        rng = np.random.default_rng(self._seed_sequence(_STREAM_MINIBATCH, it))
+        rows = np.sort(rng.choice(self.spectra.n_particles, size=size, replace=False))
+
+        search = self._search(rows, resolution, level)
+        log_evidence = np.stack([s.log_evidence for s in search], axis=1)  # (n, K)
+        posteriors = _softmax(log_evidence + self.state.log_prior[None, :])  # (n, K)
+        mixed = (1.0 - similarity) * posteriors + similarity / p.class_count
+        data, weight = self._back_project(rows, search, mixed)
+        self.state.data = (1 - rate) * self.state.data + (rate / size) * data
+        self.state.weight = (1 - rate) * self.state.weight + (rate / size) * weight
+        self._update_noise(rows, search, posteriors)
+        self.state.class_mass = (1 - _PRIOR_RATE) * self.state.class_mass + _PRIOR_RATE * posteriors.mean(axis=0)
+        self.state.iteration = it + 1
+        self._volumes = self._current_volumes(refresh_fsc=self.state.iteration % _FSC_EVERY == 0)
+
+        evidence = _log_sum_exp(log_evidence + self.state.log_prior[None, :], axis=1)
+        return IterationReport(
+            iteration=it + 1,
+            total_iterations=p.total_iterations,
+            resolution_a=resolution,
+            minibatch_size=size,
+            learning_rate=rate,
+            class_similarity=similarity,
+            so3_level=level,
+            class_fractions=self.state.class_mass.copy(),
+            objective=float(evidence.mean() / search[0].count),
+            half_map_resolution_a=self.half_map_resolution_a(),
+        )
+
+    # ------------------------------------------------------------------------------------------------- E-step
+
+    def _search(self, rows: np.ndarray, resolution_a: float, level: int, refine: bool = False
+                ) -> list[_Posteriors]:
+        """Posteriors of particles ``rows`` over every class's rotations and shifts (see the module docstring)."""
+        count = self.layout.count_within(resolution_a)
+        shell_limit = resolution_to_shell(self.layout.box_px, self.layout.pixel_size_a, resolution_a)
+        coarse_shells = min(shell_limit, max(shell_limit / 2, _COARSE_MIN_SHELLS))
+        coarse_count = self.layout.count_within(resolution_a * shell_limit / coarse_shells)
+        fine_step = shift_step_px(resolution_a, self.layout.pixel_size_a)
+        two_stage = coarse_count < count
+        coarse_step = 2 * fine_step if two_stage else fine_step
+        coarse_shifts = _shift_lattice(coarse_step, self.max_shift_px)
+        grid = so3_grid_matrices(level)
+        zero = np.zeros((rows.size, 2), dtype=np.float32)
+        out = []
+        for volume in self._volumes:
+            projector = Projector(volume)
+            if not two_stage and not refine:
+                templates = projector.project(grid, coefficients=self.flat_working[:count])
+                out.append(self._posteriors(rows, count, grid, templates, coarse_shifts, zero))
+                continue
+            templates = projector.project(grid, coefficients=self.flat_working[:coarse_count])
+            best_shift, top = self._coarse(rows, coarse_count, templates, coarse_shifts)
+            centre = coarse_shifts[best_shift]  # (n, 2)
+            if refine:
+                parents = np.unique(top[:, :_REFINE_PARENTS])
+                rotations = so3_grid_matrices(level + 1, np.unique(so3_children(level, parents)))
+            else:
+                rotations = grid[np.unique(top[:, :_COARSE_KEEP])]
+            # The true shift lies within half a coarse step of the best coarse one along each axis; a disc of one
+            # coarse step around it covers that square with a margin.
+            local = _shift_lattice(fine_step, coarse_step * 1.01)
+            templates = projector.project(rotations, coefficients=self.flat_working[:count])
+            out.append(self._posteriors(rows, count, rotations, templates, local, centre))
+        return out
+
+    def _coarse(self, rows: np.ndarray, count: int, templates: np.ndarray, shifts_px: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """The coarse stage: each particle's best shift (n,) and most likely templates (n, k), best first.
+
+        Templates are ranked by their best log-likelihood over the shifts: a ranking needs no normalisation,
+        so no exponential is taken.
+        """
+        n = rows.size
+        x, ctf = self._particle_terms(rows, count, np.zeros((n, 2), dtype=np.float32))
+        noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
+        ramps = shift_phase_ramps(shifts_px, self.layout.box_px, self.flat_particle[:count])  # (S, C)
+        peak = np.empty((n, templates.shape[0]), dtype=np.float32)  # (n, M) best LL over shifts
+        best_value = np.full(n, -np.inf, dtype=np.float32)
+        best_shift = np.zeros(n, dtype=np.int64)
+        for block in iter_log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps):
+            values = np.asarray(block.values)  # (b, S, m)
+            b, _, m = values.shape
+            peak[block.particles, block.templates] = values.max(axis=1)
+            flat = values.reshape(b, -1)
+            arg = np.argmax(flat, axis=1)  # (b,) over (shift, template)
+            value = flat[np.arange(b), arg]
+            better = value > best_value[block.particles]
+            rows_better = np.flatnonzero(better) + block.particles.start
+            best_value[rows_better] = value[better]
+            best_shift[rows_better] = arg[better] // m
+        keep = min(max(_COARSE_KEEP, _REFINE_PARENTS), templates.shape[0])
+        top = np.argpartition(-peak, keep - 1, axis=1)[:, :keep]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(peak, top, axis=1), axis=1), axis=1)
+        return best_shift, top
+
+    def _particle_terms(self, rows: np.ndarray, count: int, centre_px: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Coefficients moved back by each particle's centre shift (n, C) complex64, and their CTF (n, C)."""
+        ramps = shift_phase_ramps(centre_px, self.layout.box_px, self.flat_particle[:count])  # (n, C)
+        x = self.spectra.coefficients[rows, :count] * ramps
+        return x, self.spectra.ctf.at(rows, self.fy[:count], self.fx[:count])
+
+    def _posteriors(self, rows: np.ndarray, count: int, rotations: np.ndarray, templates: np.ndarray,
+                    shifts_px: np.ndarray, centre_px: np.ndarray) -> _Posteriors:
+        """Marginalise particles ``rows`` over templates × shifts (relative to their centres); keep the significant."""
+        n = rows.size
+        x, ctf = self._particle_terms(rows, count, centre_px)
+        # Half-plane coefficients stand for two of the full plane: their variance term counts twice.
+        noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
+        ramps = shift_phase_ramps(shifts_px, self.layout.box_px, self.flat_particle[:count])  # (S, C)
+        log_evidence = np.zeros(n)
+        best_value = np.full(n, -1.0)
+        best_template = np.zeros(n, dtype=np.int64)
+        best_shift = np.zeros(n, dtype=np.int64)
+        kept: list[tuple[np.ndarray, ...]] = []
+        for block in iter_posteriors(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps):
+            values = np.asarray(block.values)  # (b, S, m)
+            p0, t0 = block.particles.start, block.templates.start
+            b, n_shifts, m = values.shape
+            log_evidence[block.particles] = np.asarray(block.log_evidence, dtype=np.float64)
+            flat = values.reshape(b, -1)
+            arg = np.argmax(flat, axis=1)
+            peak = flat[np.arange(b), arg]
+            better = peak > best_value[block.particles]
+            rows_better = np.flatnonzero(better) + p0
+            best_value[rows_better] = peak[better]
+            best_shift[rows_better] = arg[better] // m
+            best_template[rows_better] = arg[better] % m + t0
+            particle, shift, template = np.nonzero(values >= _POSTERIOR_FLOOR)
+            kept.append((particle + p0, template + t0, shift, values[particle, shift, template]))
+        particle, template, shift, weight = (np.concatenate(column) for column in zip(*kept, strict=True))
+        return _Posteriors(
+            count=count,
+            rotations=rotations,
+            shifts_px=shifts_px,
+            centre_px=centre_px,
+            particle=particle.astype(np.int64),
+            template=template.astype(np.int64),
+            shift=shift.astype(np.int64),
+            weight=weight.astype(np.float32),
+            log_evidence=log_evidence,
+            best_template=best_template,
+            best_shift=best_shift,
+        )
+
+    def _back_project(self, rows: np.ndarray, search: list[_Posteriors], class_weights: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Per class and half-set, the sums ``Σ w·CTF·X/σ²`` and ``Σ w·CTF²/σ²`` over the batch's poses."""
+        n = rows.size
+        p = self.padded_box
+        count = search[0].count
+        inv_var = (1.0 / self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
+        data = np.zeros((len(search), 2, p, p, p), dtype=np.complex64)
+        weight = np.zeros((len(search), 2, p, p, p), dtype=np.float32)
+        halves = self.half_set[rows]
+        for k, post in enumerate(search):
+            x, ctf = self._particle_terms(rows, count, post.centre_px)
+            ramps = shift_phase_ramps(post.shifts_px, self.layout.box_px, self.flat_particle[:count])  # (S, C)
+            n_shifts = ramps.shape[0]
+            aligned = ((x * ctf * inv_var)[:, None, :] * ramps[None, :, :]).reshape(n * n_shifts, count)
+            aligned_real = aligned.view(np.float32)  # (n·S, 2C)
+            power = ctf * ctf * inv_var  # (n, C)
+            w = post.weight * class_weights[post.particle, k].astype(np.float32)  # (E,)
+            n_rot = post.rotations.shape[0]
+            for half in (0, 1):
+                sel = halves[post.particle] == half
+                if not sel.any():
+                    continue
+                particle, template = post.particle[sel], post.template[sel]
+                column = particle * n_shifts + post.shift[sel]
+                by_pair = scipy.sparse.csr_matrix((w[sel], (template, column)), shape=(n_rot, n * n_shifts))
+                by_particle = scipy.sparse.csr_matrix((w[sel], (template, particle)), shape=(n_rot, n))
+                used = np.flatnonzero(np.diff(by_particle.indptr))
+                # Real arithmetic on the interleaved (Re, Im) view: sparse × complex runs far slower.
+                slices = np.ascontiguousarray(by_pair[used] @ aligned_real).view(np.complex64)  # (U, C)
+                slice_weights = np.asarray(by_particle[used] @ power, dtype=np.float32)  # (U, C)
+                accumulator = FourierAccumulator(self.working_box)
+                accumulator.insert(slices, post.rotations[used], slice_weights, coefficients=self.flat_working[:count])
+                data[k, half], weight[k, half] = accumulator.padded_sums()
+        return data, weight
+
+    def _update_noise(self, rows: np.ndarray, search: list[_Posteriors], posteriors: np.ndarray) -> None:
+        """Fold the residual power at each particle's best class and pose into the running σ² per shell."""
+        n = rows.size
+        count = search[0].count
+        best = np.argmax(posteriors, axis=1)
+        residual_power = np.zeros(count)
+        for k, post in enumerate(search):
+            members = np.flatnonzero(best == k)
+            if members.size == 0:
+                continue
+            x, ctf = self._particle_terms(rows[members], count, post.centre_px[members])
+            templates = Projector(self._volumes[k]).project(
+                post.rotations[post.best_template[members]], coefficients=self.flat_working[:count]
+            )  # (m, C)
+            ramps = shift_phase_ramps(post.shifts_px[post.best_shift[members]], self.layout.box_px,
+                                      self.flat_particle[:count])
+            residual = x * ramps - ctf * templates
+            residual_power += (residual.real**2 + residual.imag**2).sum(axis=0)
+        counts = self.layout.shell_count(count)
+        covered = counts > 0
+        decay = max(0.0, 1.0 - n / self.noise_memory)
+        measured = self.layout.shell_sum(residual_power) / np.maximum(counts, 1)  # Σ over images, per coefficient
+        self.state.noise_sum[covered] = decay * self.state.noise_sum[covered] + measured[covered]
+        self.state.noise_weight[covered] = decay * self.state.noise_weight[covered] + n
+
+    # ---------------------------------------------------------------------------------------------- final pass
+
+    def finish(self, chunk_size: int = 500, progress: Callable[[float], None] | None = None,
+               refine: bool = True) -> AbinitioResult:
+        """Score every particle at the maximum resolution and reconstruct the final volumes from all of them."""
+        resolution = self.params.max_resolution_a
+        n_total = self.spectra.n_particles
+        level = self.so3_level_at(resolution)
+        posteriors = np.zeros((n_total, self.params.class_count), dtype=np.float32)
+        rotations = np.zeros((n_total, 3, 3))
+        shifts = np.zeros((n_total, 2), dtype=np.float32)
+        data = weight = None
+        for start in range(0, n_total, chunk_size):
+            rows = np.arange(start, min(start + chunk_size, n_total))
+            search = self._search(rows, resolution, level, refine=refine)
+            post = _softmax(np.stack([s.log_evidence for s in search], axis=1) + self.state.log_prior[None, :])
+            posteriors[rows] = post
+            best = np.argmax(post, axis=1)
+            for k, s in enumerate(search):
+                members = np.flatnonzero(best == k)
+                rotations[rows[members]] = s.rotations[s.best_template[members]]
+                shifts[rows[members]] = s.centre_px[members] + s.shifts_px[s.best_shift[members]]
+            batch_data, batch_weight = self._back_project(rows, search, post)
+            data = batch_data if data is None else data + batch_data
+            weight = batch_weight if weight is None else weight + batch_weight
+            if progress is not None:
+                progress((rows[-1] + 1) / n_total)
+        assert data is not None and weight is not None
+        volumes, fscs = self._final_volumes(data, weight)
+        pixel = self.layout.working_pixel_size_a
+        return AbinitioResult(
+            volumes=volumes,
+            class_posteriors=posteriors,
+            rotations=rotations,
+            shift_px=shifts,
+            half_map_fsc=fscs,
+            resolution_a=np.array([resolution_at_threshold(f, self.working_box, pixel, 0.143) for f in fscs]),
+            final_resolution_a=resolution,
+            pixel_size_a=self.layout.pixel_size_a,
+        )
+
+    def _final_volumes(self, data: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Wiener volumes (K, D, D, D) from half-set sums (K, 2, P, P, P), and their half-set FSCs (K, shells)."""
+        box = self.layout.box_px
+        out = np.empty((data.shape[0], box, box, box), dtype=np.float32)
+        fscs = np.empty((data.shape[0], self.layout.n_shells))
+        taper = _cosine_taper(
+            self.working_box,
+            resolution_to_shell(self.layout.box_px, self.layout.pixel_size_a, self.params.max_resolution_a),
+            _TAPER_SHELLS,
+        )
+        for k in range(data.shape[0]):
+            fscs[k] = self._half_set_fsc(data[k], weight[k])
+            merged = self._wiener(data[k], weight[k], fscs[k])
+            out[k] = _fourier_pad_3d(fft3_centered(merged) * taper, box)
+        return out, fscs
+
+
+def _shift_lattice(step_px: float, radius_px: float) -> np.ndarray:
+    """Square lattice of shifts (S, 2) px, (x, y), with the given step inside a disc of the given radius."""
+    half = math.floor(radius_px / step_px + 1e-9)
+    axis = np.arange(-half, half + 1) * step_px
+    gx, gy = np.meshgrid(axis, axis, indexing="xy")
+    grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    keep = np.hypot(grid[:, 0], grid[:, 1]) <= radius_px + 1e-6
+    return grid[keep].astype(np.float32)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (n, K) scores."""
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _log_sum_exp(values: np.ndarray, axis: int) -> np.ndarray:
+    peak = values.max(axis=axis, keepdims=True)
+    return (np.log(np.exp(values - peak).sum(axis=axis, keepdims=True)) + peak).squeeze(axis)
+
+
+def _fill_empty_shells(power: np.ndarray) -> np.ndarray:
+    """Replace non-positive shell powers (shells without kept coefficients) by the nearest filled shell's."""
+    out = power.copy()
+    filled = np.flatnonzero(out > 0)
+    if filled.size == 0:
+        return np.ones_like(out)
+    for i in np.flatnonzero(out <= 0):
+        out[i] = out[filled[np.argmin(np.abs(filled - i))]]
+    return out
+
+
+def _radius_grid(box_px: int) -> np.ndarray:
+    """Distance (px) of every voxel of a (D, D, D) grid from the origin voxel ``D // 2``."""
+    k = np.arange(box_px) - box_px // 2
+    return np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+
+
+def _cosine_taper(box_px: int, start: float, width: float) -> np.ndarray:
+    """1 inside radius ``start``, a raised-cosine fall to 0 over ``width``: (D, D, D) float32."""
+    t = np.clip((_radius_grid(box_px) - start) / width, 0.0, 1.0)
+    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)
+
+
+def _real_space_masks(box_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """The soft spherical window (D, D, D) float32 and the solvent region (D, D, D) bool of the working box."""
+    half = box_px / 2.0
+    inner, outer = (f * half for f in _WINDOW_RADII)
+    window = _cosine_taper(box_px, inner, outer - inner)
+    solvent = _radius_grid(box_px) >= _SOLVENT_RADIUS * half
+    return window, solvent
+
+
+def _constrain(volume: np.ndarray, window: np.ndarray, solvent: np.ndarray) -> np.ndarray:
+    """Non-negative above the solvent level, windowed and centred on its centre of mass: (D, D, D) float32."""
+    positive = np.maximum(volume - np.median(volume[solvent]), 0.0) * window
+    total = float(positive.sum())
+    if total <= 0:
+        return volume
+    box = volume.shape[0]
+    k = np.arange(box) - box // 2
+    centre = np.array([
+        (positive.sum(axis=(0, 1)) * k).sum(),  # x
+        (positive.sum(axis=(0, 2)) * k).sum(),  # y
+        (positive.sum(axis=(1, 2)) * k).sum(),  # z
+    ]) / total
+    if np.abs(centre).max() < 0.5:
+        return positive.astype(np.float32)
+    # Shift the content by -centre with a phase ramp (exact for band-limited maps).
+    kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
+    ramp = np.exp(2j * np.pi * (kx * centre[0] + ky * centre[1] + kz * centre[2]) / box)
+    return np.asarray(ifft3_centered(fft3_centered(positive) * ramp).real, dtype=np.float32)
+
+
+def _fourier_pad_3d(volume_ft: np.ndarray, box_px: int) -> np.ndarray:
+    """Real map (D, D, D) float32 from a centred transform on a smaller box, zero-padded in Fourier space."""
+    small = volume_ft.shape[-1]
+    padded = np.zeros((box_px,) * 3, dtype=np.complex64)
+    start = box_px // 2 - small // 2
+    window = slice(start, start + small)
+    padded[window, window, window] = volume_ft
+    return np.asarray(ifft3_centered(padded).real, dtype=np.float32)
