@@ -7,7 +7,6 @@ configured, to a service this command starts in-process for the job's duration (
 from __future__ import annotations
 
 import argparse
-import sys
 import uuid
 
 

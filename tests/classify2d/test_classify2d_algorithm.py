@@ -7,7 +7,7 @@ import pytest
 from classify2d_data import PIXEL_SIZE_A, blob_image, make_set, two_references
 
 from cryostack.core.fourier import frequency_radius_px
-from sklearn.metrics import adjusted_rand_score as adjusted_rand_index
+from cryostack.core.metrics import adjusted_rand_index
 from cryostack.errors import InvalidArgumentError
 from cryostack.services.classify2d.algorithm import (
     ArrayParticles,
