@@ -10,6 +10,8 @@ the voltage for which its formula gives our wavelength.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from scipy.optimize import brentq
@@ -19,8 +21,26 @@ from cryostack.core.ctf import CtfParameters, ctf_2d, ctf_at, electron_wavelengt
 from cryostack.core.fourier import frequency_grid_2d
 from cryostack.errors import InvalidArgumentError
 
-aspire_operators = pytest.importorskip("aspire.operators", reason="ASPIRE-Python (dev dependency) is not installed")
-aspire_utils = pytest.importorskip("aspire.utils", reason="ASPIRE-Python (dev dependency) is not installed")
+
+def _import_aspire(module: str):
+    """Import an ASPIRE module, undoing what ASPIRE's import does to logging: its dictConfig disables every logger
+    created before it and adds handlers to the root logger, which would silence the rest of the suite's logs."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    existing = {name: logger.disabled for name, logger in logging.Logger.manager.loggerDict.items()
+                if isinstance(logger, logging.Logger)}
+    imported = pytest.importorskip(module, reason="ASPIRE-Python (dev dependency) is not installed")
+    for extra in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(extra)
+        extra.close()
+    root.setLevel(level)
+    for name, disabled in existing.items():
+        logging.getLogger(name).disabled = disabled
+    return imported
+
+
+aspire_operators = _import_aspire("aspire.operators")
+aspire_utils = _import_aspire("aspire.utils")
 
 
 @pytest.mark.parametrize(("voltage_kv", "wavelength_a"), [(300.0, 0.019687), (200.0, 0.025079), (120.0, 0.033492)])
