@@ -11,6 +11,9 @@ read back in batches, as a job streams them from the store):
 - ``k6``: K = 6 on the ``three-state`` scenario: the same figures (six classes for three states).
 - ``large``: K = 1, 3 and 6 on ``--large-particles`` (100k) of the ``three-state`` scenario with the iteration
   counts ``--large-iterations`` (fewer than the defaults, said in the record): wall time and peak RSS.
+- ``concurrent``: K = 1, 3 and 6 on the ``three-state`` set at the same time in one process, as the service runs
+  them (each job reads its own copy of the particles; BLAS threads shared by
+  :class:`cryostack.services.abinitio.servicer.BlasShare`): wall time of the three together, of each, peak RSS.
 - ``aspire``: ASPIRE-Python's ab-initio pipeline on the same phase-flipped particles as ``k1``: class averaging
   (``DefaultClassAvgSource``), common-lines orientation estimation (``CLSync3N``) of the ``--aspire-classes``
   selected averages, mean estimation (``MeanEstimator``) from them; time and the same FSC metrics.
@@ -98,7 +101,7 @@ def image_batches(path: Path, n_particles: int):  # noqa: ANN201  (generator)
 
 def ctf_of(simulator: Any) -> Any:
     """The ground-truth CTF parameters of the simulated set (what its particles.star carries)."""
-    from cryostack.services.abinitio.algorithm import CtfParameters  # noqa: PLC0415
+    from cryostack.core.ctf import CtfParameters  # noqa: PLC0415
 
     truth, params = simulator.ground_truth, simulator.params
     n = len(truth)
@@ -182,6 +185,50 @@ def run_cryostack(spec: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def run_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
+    """K = 1, 3 and 6 jobs at once, each on its own thread with its own copy of the particles."""
+    import threading  # noqa: PLC0415
+
+    from cryostack.core.metrics import adjusted_rand_index  # noqa: PLC0415
+    from cryostack.services.abinitio.algorithm import (  # noqa: PLC0415
+        AbinitioParameters,
+        AbinitioRun,
+        SpectralLayout,
+        collect_spectra,
+    )
+    from cryostack.services.abinitio.servicer import BlasShare  # noqa: PLC0415
+
+    name, n_particles = spec["scenario"], spec["particles"]
+    path = stack_path(name, n_particles)
+    simulator = simulator_of(name, n_particles)
+    share = BlasShare()
+    jobs: dict[int, dict[str, Any]] = {}
+
+    def job(k: int) -> None:
+        with share.job():
+            begin = time.perf_counter()
+            params = AbinitioParameters(class_count=k, initial_iterations=spec["initial_iterations"],
+                                        final_iterations=spec["final_iterations"])
+            layout = SpectralLayout.for_resolution(BOX_PX, PIXEL_SIZE_A, params.max_resolution_a)
+            spectra = collect_spectra(image_batches(path, n_particles), n_particles, ctf_of(simulator), layout)
+            run = AbinitioRun(spectra, params, spec["seed"])
+            while not run.done:
+                run.step()
+            result = run.finish()
+            jobs[k] = {"wall_s": time.perf_counter() - begin, "class_sizes": result.class_sizes.tolist(),
+                       "ari": adjusted_rand_index(simulator.ground_truth.state, result.best_class)}
+            print(json.dumps({"classes": k, **jobs[k]}), file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=job, args=(k,)) for k in spec["class_counts"]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {**spec, "wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
+            "jobs": {f"k{k}": jobs.get(k, {"failed": True}) for k in spec["class_counts"]}}
+
+
 def run_aspire(spec: dict[str, Any]) -> dict[str, Any]:
     """ASPIRE's ab-initio pipeline on the same (phase-flipped) particles: time and FSC against the truth."""
     import aspire  # noqa: PLC0415
@@ -222,7 +269,8 @@ def run_aspire(spec: dict[str, Any]) -> dict[str, Any]:
 def child(args: argparse.Namespace) -> None:
     """Run one case in this process and print its JSON record."""
     spec = json.loads(args.child)
-    record = run_aspire(spec) if spec["kind"] == "aspire" else run_cryostack(spec)
+    runners = {"aspire": run_aspire, "concurrent": run_concurrent, "cryostack": run_cryostack}
+    record = runners[spec["kind"]](spec)
     print("RESULT " + json.dumps(record))
 
 
@@ -237,6 +285,9 @@ def specs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         if case in args.cases:
             specs.append({"kind": "cryostack", "label": case, "scenario": "three-state", "particles": args.particles,
                           "classes": k, "seed": args.seeds[0], **iterations})
+    if "concurrent" in args.cases:
+        specs.append({"kind": "concurrent", "label": "concurrent", "scenario": "three-state",
+                      "particles": args.particles, "class_counts": [1, 3, 6], "seed": args.seeds[0], **iterations})
     if "aspire" in args.cases:
         specs.append({"kind": "aspire", "label": "aspire", "scenario": "single", "particles": args.particles,
                       "neighbours": args.aspire_neighbours, "aspire_classes": args.aspire_classes,
@@ -253,8 +304,8 @@ def specs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     """Run the requested cases, each in a fresh process, and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["k1", "k3", "aspire", "k6", "large"],
-                        choices=["k1", "k3", "k6", "aspire", "large"])
+    cases = ["k1", "k3", "k6", "concurrent", "aspire", "large"]
+    parser.add_argument("--cases", nargs="+", default=cases, choices=cases)
     parser.add_argument("--particles", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--initial-iterations", type=int, default=200)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryostack.core.ctf import CtfParameters
 from cryostack.core.simulate import ConformationState, ParticleSimulator, Scenario, SimulationParameters
 from cryostack.services.abinitio.algorithm import (
     AbinitioParameters,
-    CtfParameters,
     ParticleSpectra,
     SpectralLayout,
     collect_spectra,

@@ -1,26 +1,13 @@
 """`cryostack abinitio`: submit an ab-initio reconstruction job, show its progress and print where its outputs are.
 
 The job goes to the abinitio service at ``CRYOSTACK_ABINITIO_ADDRESS`` (host:port) or, when none is configured,
-to a service this command starts in-process for the job's duration (object store from ``CRYOSTACK_S3_*``, job
-state under ``CRYOSTACK_JOBS_URI``).
+to a service this command starts in-process for the job's duration (see :mod:`cryostack.cli.common`).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import uuid
-
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-
-class AbinitioClientSettings(BaseSettings):
-    """Where a client finds the abinitio service (env prefix ``CRYOSTACK_ABINITIO_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="CRYOSTACK_ABINITIO_", extra="ignore")
-
-    address: str | None = Field(None, description="host:port of an abinitio service; unset: start one in-process")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -88,54 +75,18 @@ def build_request(args: argparse.Namespace):  # noqa: ANN201  (generated message
 
 def run(args: argparse.Namespace) -> int:
     """Submit, follow the job to its end and print the output locations; 0 on success, 2 on a bad request, else 1."""
-    import grpc  # noqa: PLC0415
-
     from cryostack.abinitio.v1 import abinitio_pb2  # noqa: PLC0415
-    from cryostack.config import ObjectStoreSettings, ServiceSettings  # noqa: PLC0415
-    from cryostack.io.objectstore import ObjectStore  # noqa: PLC0415
-    from cryostack.io.uri import S3Uri  # noqa: PLC0415
-    from cryostack.jobs.v1 import jobs_pb2  # noqa: PLC0415
-    from cryostack.runtime import JobRunner, JobStore, create_server  # noqa: PLC0415
-    from cryostack.runtime.client import JobClient, submit_method  # noqa: PLC0415
-    from cryostack.services.abinitio.servicer import register  # noqa: PLC0415
+    from cryostack.cli.common import stage_client, submit_and_follow  # noqa: PLC0415
+    from cryostack.runtime.client import submit_method  # noqa: PLC0415
 
-    request = build_request(args)
     method = submit_method(abinitio_pb2, "AbinitioService", "SubmitAbinitio")
-    address = AbinitioClientSettings().address
-    embedded = None
-    objects = None
-    try:
-        if address is None:
-            settings = ServiceSettings(port=0)
-            objects = ObjectStore(ObjectStoreSettings())
-            objects.ensure_bucket(S3Uri.parse(settings.jobs_uri, "jobs_uri").bucket)
-            runner = JobRunner(JobStore(objects, settings.jobs_uri), settings)
-            embedded, port = create_server(settings, runner, register)
-            embedded.start()
-            address = f"{settings.host}:{port}"
-        with JobClient(address) as client:
-            try:
-                job = client.submit(method, request)
-            except grpc.RpcError as error:
-                print(f"cryostack abinitio: {error.code().name}: {error.details()}", file=sys.stderr)
-                return 2 if error.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
-            print(f"submitted {job.name} to {address}", file=sys.stderr)
-            for job in client.watch(job.name):
-                progress = job.progress
-                if progress.message:
-                    print(f"[{jobs_pb2.JobState.Name(job.state)}] {progress.message}", file=sys.stderr, flush=True)
-    finally:
-        if embedded is not None:
-            embedded.stop(0).wait()
-        if objects is not None:
-            objects.close()
-    if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-        print(f"cryostack abinitio: {job.name} ended {jobs_pb2.JobState.Name(job.state)}: {job.error.message}",
-              file=sys.stderr)
-        return 1
+    with stage_client("abinitio") as client:
+        outcome = submit_and_follow("abinitio", client, method, build_request(args))
+    if outcome.exit_status != 0 or outcome.job is None:
+        return outcome.exit_status
     result = abinitio_pb2.AbinitioResult()
-    job.result.Unpack(result)
-    print(f"outputs: {job.outputs_uri}")
+    outcome.job.result.Unpack(result)
+    print(f"outputs: {outcome.job.outputs_uri}")
     for summary in result.classes:
         print(f"class {summary.class_number}: {summary.particle_count} particles, volume {summary.volume_uri}")
     print(f"particles: {result.particles_uri}")

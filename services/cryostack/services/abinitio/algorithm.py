@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 
-from cryostack.core.ctf import ctf_at
+from cryostack.core.ctf import CtfParameters
 from cryostack.core.fourier import fft2_centered, fft3_centered, ifft3_centered, resolution_to_shell
 from cryostack.core.fsc import fsc_curve, resolution_at_threshold
 from cryostack.core.geometry import matrix_to_euler, uniform_random_rotations
@@ -193,32 +193,6 @@ class AbinitioParameters:
 
 def _finite_positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
-
-
-@dataclass(frozen=True)
-class CtfParameters:
-    """Per-particle CTF parameters, every array ``(N,)`` (RELION/CTFFIND convention, units in the names)."""
-
-    defocus_u_a: np.ndarray
-    defocus_v_a: np.ndarray
-    defocus_angle_deg: np.ndarray
-    voltage_kv: np.ndarray
-    cs_mm: np.ndarray
-    amplitude_contrast: np.ndarray
-    phase_shift_deg: np.ndarray
-    bfactor_a2: np.ndarray
-
-    def take(self, rows: np.ndarray) -> CtfParameters:
-        """The parameters of the given particles."""
-        return CtfParameters(**{name: np.asarray(getattr(self, name))[rows] for name in self.__dataclass_fields__})
-
-    def at(self, rows: np.ndarray, fy_inv_a: np.ndarray, fx_inv_a: np.ndarray) -> np.ndarray:
-        """CTF of particles ``rows`` at frequencies (C,) in 1/Å: (n, C) float32."""
-        p = self.take(rows)
-        return ctf_at(
-            fy_inv_a, fx_inv_a, p.defocus_u_a, p.defocus_v_a, p.defocus_angle_deg, p.voltage_kv, p.cs_mm,
-            p.amplitude_contrast, p.phase_shift_deg, p.bfactor_a2,
-        )
 
 
 @dataclass(frozen=True)
@@ -482,7 +456,8 @@ class AbinitioRun:
     def minibatch_size_at(self, iteration: int) -> int:
         """Minibatch size of an iteration (at most the particle count)."""
         p = self.params
-        size = p.minibatch_size_initial + (p.minibatch_size_final - p.minibatch_size_initial) * self._marching(iteration)
+        growth = (p.minibatch_size_final - p.minibatch_size_initial) * self._marching(iteration)
+        size = p.minibatch_size_initial + growth
         return int(min(round(size), self.spectra.n_particles))
 
     def class_similarity_at(self, iteration: int) -> float:
@@ -528,7 +503,7 @@ class AbinitioRun:
             rows = np.sort(rng.choice(self.spectra.n_particles, size=size, replace=False))
             rotations = uniform_random_rotations(size, rng)  # (n, 3, 3)
             x = self.spectra.coefficients[rows, :count]
-            ctf = self.spectra.ctf.at(rows, self.fy[:count], self.fx[:count])  # (n, C)
+            ctf = self.spectra.ctf.take(rows).at(self.fy[:count], self.fx[:count])  # (n, C)
             for half in (0, 1):
                 take = self.half_set[rows] == half
                 accumulator = FourierAccumulator(self.working_box)
@@ -722,7 +697,7 @@ class AbinitioRun:
         """Coefficients moved back by each particle's centre shift (n, C) complex64, and their CTF (n, C)."""
         ramps = shift_phase_ramps(centre_px, self.layout.box_px, self.flat_particle[:count])  # (n, C)
         x = self.spectra.coefficients[rows, :count] * ramps
-        return x, self.spectra.ctf.at(rows, self.fy[:count], self.fx[:count])
+        return x, self.spectra.ctf.take(rows).at(self.fy[:count], self.fx[:count])
 
     def _posteriors(self, rows: np.ndarray, count: int, rotations: np.ndarray, templates: np.ndarray,
                     shifts_px: np.ndarray, centre_px: np.ndarray) -> _Posteriors:

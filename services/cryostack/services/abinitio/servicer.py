@@ -18,7 +18,6 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -29,17 +28,16 @@ from cryostack.config import ServiceSettings
 from cryostack.errors import InvalidArgumentError
 from cryostack.io.objectstore import ObjectStore
 from cryostack.io.particles import ParticleStackReader
-from cryostack.io.star import ParticleTable, read_index_list, read_star, subset_indices
 from cryostack.io.uri import S3Uri
 from cryostack.jobs.v1 import jobs_pb2
 from cryostack.runtime import JobContext, JobKind, JobRunner
 from cryostack.runtime.store import MANIFEST_FILE
+from cryostack.services.inputs import ParticleSet, check_class_count, load_particle_set
 from cryostack.services.abinitio import outputs
 from cryostack.services.abinitio.algorithm import (
     AbinitioParameters,
     AbinitioRun,
     AbinitioState,
-    CtfParameters,
     IterationReport,
     SpectralLayout,
     collect_spectra,
@@ -79,20 +77,6 @@ def check_parameters(params: AbinitioParameters, n_particles: int | None = None,
         raise InvalidArgumentError(f"parameters.{error.field}", error.reason) from None
 
 
-def ctf_parameters(table: ParticleTable) -> CtfParameters:
-    """Per-particle CTF parameters of a particle table."""
-    return CtfParameters(
-        defocus_u_a=table.defocus_u_a,
-        defocus_v_a=table.defocus_v_a,
-        defocus_angle_deg=table.defocus_angle_deg,
-        voltage_kv=table.voltage_kv,
-        cs_mm=table.cs_mm,
-        amplitude_contrast=table.amplitude_contrast,
-        phase_shift_deg=table.phase_shift_deg,
-        bfactor_a2=table.bfactor_a2,
-    )
-
-
 class BlasShare:
     """Splits the process's BLAS threads evenly between the ab-initio jobs running at the moment."""
 
@@ -121,15 +105,6 @@ class BlasShare:
                 self._apply()
 
 
-@dataclass(frozen=True)
-class _Input:
-    """The particle set a request selects."""
-
-    table: ParticleTable  # the selected particles
-    pixel_size_a: float
-    box_px: int
-
-
 class AbinitioJobs:
     """Validation and execution of ab-initio jobs against one object store."""
 
@@ -138,47 +113,15 @@ class AbinitioJobs:
         self.settings = settings
         self.threads = threads or BlasShare()
 
-    def load_input(self, request: abinitio_pb2.SubmitAbinitioRequest) -> _Input:
-        """Read the STAR, apply the subset and check the set against the service's limits."""
-        if not request.particles_uri:
-            raise InvalidArgumentError("particles_uri", "is required")
-        if not request.output_uri:
-            raise InvalidArgumentError("output_uri", "is required")
-        S3Uri.parse(request.output_uri, "output_uri")
-        star_uri = S3Uri.parse(request.particles_uri, "particles_uri").require_object()
-        table = read_star(self.objects, star_uri)
-        if request.HasField("subset"):
-            table = table.take(self._subset(request.subset, len(table)))
-        if len(table) == 0:
-            raise InvalidArgumentError("particles_uri", "the particle set is empty")
-        pixel_sizes = np.unique(table.pixel_size_a)
-        if pixel_sizes.size != 1:
-            raise InvalidArgumentError("particles_uri", f"particles have {pixel_sizes.size} different pixel sizes")
-        box_px = table.box_size_px
-        if box_px > self.settings.max_box_size_px:
-            raise InvalidArgumentError("particles_uri", f"box {box_px} exceeds this service's limit "
-                                                        f"{self.settings.max_box_size_px}")
-        if len(table) > self.settings.max_particles:
-            raise InvalidArgumentError("particles_uri", f"{len(table)} particles exceed this service's limit "
-                                                        f"{self.settings.max_particles}")
-        return _Input(table=table, pixel_size_a=float(pixel_sizes[0]), box_px=box_px)
-
-    def _subset(self, subset: object, n_particles: int) -> np.ndarray:
-        which = subset.WhichOneof("selection")  # type: ignore[attr-defined]
-        if which == "random":
-            return subset_indices(n_particles, count=int(subset.random.particle_count),  # type: ignore[attr-defined]
-                                  seed=int(subset.random.seed))  # type: ignore[attr-defined]
-        if which == "index_list_uri":
-            indices = read_index_list(self.objects, subset.index_list_uri)  # type: ignore[attr-defined]
-            return subset_indices(n_particles, indices=indices)
-        raise InvalidArgumentError("subset", "choose a random subset or an index list")
+    def load_input(self, request: abinitio_pb2.SubmitAbinitioRequest) -> ParticleSet:
+        """The particle set the request selects, checked against the service's limits."""
+        subset = request.subset if request.HasField("subset") else None
+        return load_particle_set(self.objects, self.settings, request.particles_uri, request.output_uri, subset)
 
     def validate(self, request: abinitio_pb2.SubmitAbinitioRequest) -> None:
         """Everything that can be checked before the job starts; raises before any state is written."""
         params = parameters_from_proto(request.parameters)
-        if params.class_count > self.settings.max_classes:
-            raise InvalidArgumentError("parameters.class_count",
-                                       f"{params.class_count} exceeds this service's limit {self.settings.max_classes}")
+        check_class_count(params.class_count, self.settings)
         check_parameters(params)  # the request alone first: a bad parameter needs no read of the set
         selected = self.load_input(request)
         check_parameters(params, len(selected.table), selected.pixel_size_a)
@@ -200,7 +143,7 @@ class AbinitioJobs:
                                     message=f"reading {n_particles} particles")
             reader = ParticleStackReader(self.objects, selected.table, request.particles_uri, batch_size=READ_BATCH)
             spectra = collect_spectra(_checked(reader.iter_batches(), context), n_particles,
-                                      ctf_parameters(selected.table), layout)
+                                      selected.table.ctf_parameters(), layout)
             saved = context.load_checkpoint(CHECKPOINT)
             run = AbinitioRun(spectra, params, context.seed, AbinitioState.from_bytes(saved) if saved else None)
             work = _Work(run)
