@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from cryostack.abinitio.v1 import abinitio_pb2
 from cryostack.config import ServiceSettings
@@ -22,7 +23,7 @@ from cryostack.jobs.v1 import jobs_pb2
 from cryostack.particles.v1 import particles_pb2
 from cryostack.runtime import CryostackServer, JobRunner, JobStore, create_server
 from cryostack.runtime.client import JobClient, submit_method
-from cryostack.services.abinitio.servicer import register
+from cryostack.services.abinitio.servicer import BlasShare, register
 
 SUBMIT = submit_method(abinitio_pb2, "AbinitioService", "SubmitAbinitio")
 N_PARTICLES = 180
@@ -189,3 +190,16 @@ def test_interrupted_job_resumes_on_another_replica_and_ends_as_an_uninterrupted
     assert resumed_table.particles.equals(reference_table.particles)
     for resumed_class, reference_class in zip(results[0].classes, results[1].classes, strict=True):
         assert object_store.get_bytes(resumed_class.volume_uri) == object_store.get_bytes(reference_class.volume_uri)
+
+
+def test_blas_threads_are_shared_between_running_jobs() -> None:
+    share = BlasShare(cores=2)
+
+    def blas_threads() -> int:
+        return min(info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas")
+
+    with share.job():
+        assert blas_threads() == 2
+        with share.job():
+            assert blas_threads() == 1
+        assert blas_threads() == 2

@@ -94,6 +94,8 @@ _COARSE_MIN_SHELLS = 6.0
 # Best coarse rotations per particle carried to the fine stage, and parents refined on the finer grid.
 _COARSE_KEEP = 16
 _REFINE_PARENTS = 4
+# Working memory of one scoring block (the kernel splits particles × templates to stay within it).
+_SCORING_BLOCK_BYTES = 64 * 2**20
 # Posteriors (normalised per particle and class) below this are neither back-projected nor kept.
 _POSTERIOR_FLOOR = 1e-4
 # Memory of the running noise estimate, in images (cryoSPARC's "noise initw"), at most this fraction of the run.
@@ -676,7 +678,8 @@ class AbinitioRun:
         peak = np.empty((n, templates.shape[0]), dtype=np.float32)  # (n, M) best LL over shifts
         best_value = np.full(n, -np.inf, dtype=np.float32)
         best_shift = np.zeros(n, dtype=np.int64)
-        for block in iter_log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps):
+        for block in iter_log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
+                                          max_bytes=_SCORING_BLOCK_BYTES):
             values = np.asarray(block.values)  # (b, S, m)
             b, _, m = values.shape
             peak[block.particles, block.templates] = values.max(axis=1)
@@ -712,7 +715,8 @@ class AbinitioRun:
         best_template = np.zeros(n, dtype=np.int64)
         best_shift = np.zeros(n, dtype=np.int64)
         kept: list[tuple[np.ndarray, ...]] = []
-        for block in iter_posteriors(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps):
+        for block in iter_posteriors(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
+                                     max_bytes=_SCORING_BLOCK_BYTES):
             values = np.asarray(block.values)  # (b, S, m)
             p0, t0 = block.particles.start, block.templates.start
             b, n_shifts, m = values.shape
