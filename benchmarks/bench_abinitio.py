@@ -14,14 +14,15 @@ read back in batches, as a job streams them from the store):
 - ``concurrent``: K = 1, 3 and 6 on the ``three-state`` set at the same time in one process, as the service runs
   them (each job reads its own copy of the particles; BLAS threads shared by
   :class:`cryostack.services.abinitio.servicer.BlasShare`): wall time of the three together, of each, peak RSS.
-- ``aspire``: ASPIRE-Python's ab-initio pipeline on the same phase-flipped particles as ``k1``: class averaging
-  (``DefaultClassAvgSource``), common-lines orientation estimation (``CLSync3N``) of the ``--aspire-classes``
+- ``aspire``: ASPIRE-Python's ab-initio pipeline on the same phase-flipped particles as ``k1``, downsampled to
+  ``--aspire-downsample`` px: class averaging (``DefaultClassAvgSource``), common-lines orientation estimation
+  (``CLSyncVoting``) of the ``--aspire-classes``
   selected averages, mean estimation (``MeanEstimator``) from them; time and the same FSC metrics.
 
 Every cryostack record has: wall time (reading + iterations + final pass, and each part), peak RSS, iterations
 and minibatch schedule, the final half-set resolutions, and the parameters.
 
-    uv run python benchmarks/bench_abinitio.py [--cases k1 k3 k6 aspire large] [--particles 10000]
+    uv run python benchmarks/bench_abinitio.py [--cases k1 k3 k6 concurrent aspire large] [--particles 10000]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -230,18 +232,23 @@ def run_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_aspire(spec: dict[str, Any]) -> dict[str, Any]:
-    """ASPIRE's ab-initio pipeline on the same (phase-flipped) particles: time and FSC against the truth."""
+    """ASPIRE's ab-initio pipeline on the same (phase-flipped) particles: time and FSC against the truth.
+
+    The pipeline of ASPIRE's own ab-initio example: downsample, class averages (``DefaultClassAvgSource``), the
+    selected averages' orientations by common lines (``CLSyncVoting``), then mean estimation from them.
+    """
+    os.chdir(tempfile.mkdtemp(prefix="aspire-"))  # ASPIRE writes logs and checkpoints into the working directory
     import aspire  # noqa: PLC0415
-    from aspire.abinitio import CLSync3N  # noqa: PLC0415
+    from aspire.abinitio import CLSyncVoting  # noqa: PLC0415
     from aspire.classification import NeighborVarianceClassSelector  # noqa: PLC0415
     from aspire.denoising import DefaultClassAvgSource  # noqa: PLC0415
     from aspire.reconstruction import MeanEstimator  # noqa: PLC0415
     from aspire.source import ArrayImageSource, OrientedSource  # noqa: PLC0415
 
     from cryostack.core.ctf import ctf_2d  # noqa: PLC0415
-    from cryostack.core.fourier import fft2_centered, ifft2_centered  # noqa: PLC0415
+    from cryostack.core.fourier import fft2_centered, fft3_centered, ifft2_centered, ifft3_centered  # noqa: PLC0415
 
-    name, n_particles = spec["scenario"], spec["particles"]
+    name, n_particles, box = spec["scenario"], spec["particles"], spec["downsample_px"]
     path = stack_path(name, n_particles)
     simulator = simulator_of(name, n_particles)
     truth, params = simulator.ground_truth, simulator.params
@@ -251,14 +258,19 @@ def run_aspire(spec: dict[str, Any]) -> dict[str, Any]:
         ctf = ctf_2d(BOX_PX, PIXEL_SIZE_A, truth.defocus_u_a[rows], truth.defocus_v_a[rows],
                      truth.defocus_angle_deg[rows], params.voltage_kv, params.cs_mm, params.amplitude_contrast)
         flipped[rows] = ifft2_centered(fft2_centered(images) * np.sign(ctf)).real
-    source = ArrayImageSource(flipped, pixel_size=PIXEL_SIZE_A)
+    source = ArrayImageSource(flipped, pixel_size=PIXEL_SIZE_A).downsample(box)
     averages = DefaultClassAvgSource(source, n_nbor=spec["neighbours"], class_selector=NeighborVarianceClassSelector())
     selected = averages[: spec["aspire_classes"]]
+    selected.images[:]  # the class averages are computed lazily: time them here
     class_averaging_s = time.perf_counter() - start
-    orientation = CLSync3N(selected, n_theta=spec["n_theta"])
-    oriented = OrientedSource(selected, orientation)
-    volume = MeanEstimator(oriented).estimate().asnumpy()[0].astype(np.float32)
+    oriented = OrientedSource(selected, CLSyncVoting(selected, n_theta=spec["n_theta"]))
+    small = MeanEstimator(oriented, checkpoint_iterations=None).estimate().asnumpy()[0].astype(np.float32)
     wall = time.perf_counter() - start
+    # Back to the particles' box by Fourier padding (the downsampled map has the same physical extent).
+    padded = np.zeros((BOX_PX,) * 3, dtype=np.complex64)
+    first = BOX_PX // 2 - box // 2
+    padded[first : first + box, first : first + box, first : first + box] = fft3_centered(small)
+    volume = np.asarray(ifft3_centered(padded).real, dtype=np.float32)
     return {
         **spec, "aspire_version": aspire.__version__, "wall_s": wall, "class_averaging_s": class_averaging_s,
         "common_lines_and_mean_s": wall - class_averaging_s, "peak_rss_mb": peak_rss_mb(),
@@ -271,6 +283,7 @@ def child(args: argparse.Namespace) -> None:
     spec = json.loads(args.child)
     runners = {"aspire": run_aspire, "concurrent": run_concurrent, "cryostack": run_cryostack}
     record = runners[spec["kind"]](spec)
+    record["load_average_end"] = os.getloadavg()
     print("RESULT " + json.dumps(record))
 
 
@@ -291,13 +304,13 @@ def specs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "aspire" in args.cases:
         specs.append({"kind": "aspire", "label": "aspire", "scenario": "single", "particles": args.particles,
                       "neighbours": args.aspire_neighbours, "aspire_classes": args.aspire_classes,
-                      "n_theta": args.aspire_n_theta})
+                      "n_theta": args.aspire_n_theta, "downsample_px": args.aspire_downsample})
     if "large" in args.cases:
         initial, final = args.large_iterations
         specs += [{"kind": "cryostack", "label": f"large_k{k}", "scenario": "three-state",
                    "particles": args.large_particles, "classes": k, "seed": args.seeds[0], "quality": False,
                    "initial_iterations": initial, "final_iterations": final,
-                   "note": f"{initial} + {final} iterations instead of the defaults 200 + 300"} for k in (1, 3, 6)]
+                   "note": f"{initial} + {final} iterations instead of the defaults 200 + 300"} for k in args.large_classes]
     return specs
 
 
@@ -312,8 +325,10 @@ def main() -> None:
     parser.add_argument("--final-iterations", type=int, default=300)
     parser.add_argument("--large-particles", type=int, default=100_000)
     parser.add_argument("--large-iterations", type=int, nargs=2, default=[100, 100], metavar=("INITIAL", "FINAL"))
-    parser.add_argument("--aspire-neighbours", type=int, default=50)
-    parser.add_argument("--aspire-classes", type=int, default=500)
+    parser.add_argument("--large-classes", type=int, nargs="+", default=[1, 3, 6])
+    parser.add_argument("--aspire-neighbours", type=int, default=20)
+    parser.add_argument("--aspire-classes", type=int, default=200)
+    parser.add_argument("--aspire-downsample", type=int, default=32)
     parser.add_argument("--aspire-n-theta", type=int, default=72)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -32,6 +32,7 @@ class SimulatedSet:
     ctf: CtfParameters
     pixel_size_a: float
     state: np.ndarray  # (N,) int true conformation
+    rotations: np.ndarray  # (N, 3, 3) true poses (RELION matrices)
     maps: list[np.ndarray]  # true volume of each state, (D, D, D) float32
 
     def spectra(self, params: AbinitioParameters) -> ParticleSpectra:
@@ -60,4 +61,5 @@ def simulate(scenario: Scenario, n_particles: int, *, box_px: int = 32, pixel_si
         simulator.source.volume(state.hinge_range_deg[0], domain_present=state.domain_present)
         for state in scenario.states
     ]
-    return SimulatedSet(images=images, ctf=ctf, pixel_size_a=pixel_size_a, state=truth.state, maps=maps)
+    return SimulatedSet(images=images, ctf=ctf, pixel_size_a=pixel_size_a, state=truth.state,
+                        rotations=truth.rotations(slice(None)), maps=maps)

@@ -81,15 +81,16 @@ class BlasShare:
     """Splits the process's BLAS threads evenly between the ab-initio jobs running at the moment."""
 
     def __init__(self, cores: int | None = None) -> None:
-        self.cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        """Share ``cores`` (default: the cores this process may run on) between the jobs."""
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = cores or available
         self._running = 0
         self._lock = threading.Lock()
         self._controller = ThreadpoolController()
-        self._limiter = None
 
     def _apply(self) -> None:
-        threads = max(1, (self.cores or 1) // max(self._running, 1))
-        self._limiter = self._controller.limit(limits=threads, user_api="blas")
+        """Set the process's BLAS thread count to this share (threadpoolctl applies it at once)."""
+        self._controller.limit(limits=max(1, self.cores // max(self._running, 1)), user_api="blas")
 
     @contextmanager
     def job(self) -> Iterator[None]:
