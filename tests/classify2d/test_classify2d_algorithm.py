@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from classify2d_data import PIXEL_SIZE_A, blob_image, make_set, two_references
@@ -120,12 +122,17 @@ def test_resumed_run_ends_equal_to_an_uninterrupted_one() -> None:
     np.testing.assert_array_equal(finished.assignment.labels, uninterrupted.assignment.labels)
 
 
-def test_starving_classes_are_reseeded_from_the_largest() -> None:
+def test_starving_classes_are_reseeded_from_the_largest_only_when_asked() -> None:
     data = make_set(two_references(32), 300, seed=5, snr=0.3, with_ctf=True)
     params = Classify2DParameters(class_count=5, min_particles_per_class=40, **FAST)
     result = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=11).run()
     assert result.reseeded >= 1
     assert result.counts.sum() == 300
+    # Off by default, as in cryoSPARC: the same run without the minimum leaves its starving classes alone.
+    plain = Classifier2D(replace(params, min_particles_per_class=None), ArrayParticles(data.images), PIXEL_SIZE_A,
+                         data.ctf, seed=11).run()
+    assert plain.reseeded == 0
+    assert plain.counts.min() < 40
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cap.add_argument("--max-particles-per-class-multiple", type=float, metavar="X",
                      help="cap as a multiple of the mean occupancy N/K")
     parser.add_argument("--min-particles-per-class", type=float, metavar="N",
-                        help="re-seed classes whose expected occupancy falls below N (default: below 1)")
+                        help="re-seed classes whose expected occupancy falls below N (default: off)")
     parser.add_argument("--max-resolution", type=float, metavar="A", help="maximum resolution in Å (default 6)")
     parser.add_argument("--uncertainty-factor", type=float, metavar="T",
                         help="initial classification uncertainty factor (default 2)")

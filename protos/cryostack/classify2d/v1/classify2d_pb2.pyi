@@ -144,8 +144,8 @@ class Classify2DParameters(_message.Message):
     """
     min_particles_per_class: _builtins.int
     """A class whose expected occupancy falls below this many particles is re-seeded (split from the largest
-    class). Unset: only empty classes (occupancy below 1 particle) are re-seeded (cryoSPARC has no such
-    parameter). Must not exceed the cap.
+    class). Unset: no class is re-seeded, as in cryoSPARC (which has no such parameter). Must not exceed the
+    cap.
     """
     def __init__(
         self,

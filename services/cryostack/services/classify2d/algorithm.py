@@ -31,10 +31,10 @@ Fourier accumulators (zero-pad factor), one per class and random half-set. Onlin
 minibatches of ``batch_size_per_class · K`` particles and move running sums towards the minibatch's by
 ``η_t = max(1 / t, ETA_MIN)``; full iterations replace them. Class averages are Wiener estimates (T = 2) with τ² from
 the FRC of the two half-set averages, then multiplied by the soft circular mask and, unless it is the last
-iteration, re-centred on their centre of mass (running sums shifted with them). Classes whose expected occupancy
-falls below ``min_particles_per_class`` (by default: below one particle) are re-seeded during online iterations
-by splitting the largest class: the starving class takes the largest class's half-set-1 average and starts its
-sums afresh.
+iteration, re-centred on their centre of mass (running sums shifted with them). When ``min_particles_per_class``
+is set (re-seeding is off by default, as in cryoSPARC), classes whose expected occupancy falls below it are
+re-seeded during online iterations by splitting the largest class: the starving class takes the largest class's
+half-set-1 average and starts its sums afresh.
 
 Noise and resolution. σ²(ν) starts from the background outside the particle mask
 (:func:`cryostack.core.noise.noise_power_from_background`) and is re-estimated from the residuals of each
@@ -135,7 +135,7 @@ class Classify2DParameters:
     zero_pad_factor: int = 2
     max_particles_per_class_count: int | None = None
     max_particles_per_class_mean_multiple: float | None = None
-    min_particles_per_class: float | None = None  # None: re-seed only classes below one particle
+    min_particles_per_class: float | None = None  # None: no re-seeding (cryoSPARC's behaviour)
 
     def resolution_limit_a(self, pixel_size_a: float) -> float:
         """The maximum resolution (Å) in force: the one asked for, else 6 Å unless Nyquist is coarser."""
@@ -163,9 +163,9 @@ class Classify2DParameters:
             return math.ceil(self.max_particles_per_class_mean_multiple * n_particles / self.class_count - 1e-9)
         return None
 
-    def reseed_threshold(self) -> float:
-        """Expected occupancy below which a class is re-seeded."""
-        return 1.0 if self.min_particles_per_class is None else float(self.min_particles_per_class)
+    def reseed_threshold(self) -> float | None:
+        """Expected occupancy below which a class is re-seeded, or None when re-seeding is off."""
+        return None if self.min_particles_per_class is None else float(self.min_particles_per_class)
 
 
 def validate_parameters(params: Classify2DParameters, n_particles: int, box_px: int, pixel_size_a: float) -> None:
@@ -1053,7 +1053,7 @@ class Classifier2D:
     def _reseed(self, state: ClassificationState) -> ClassificationState:
         """Split the largest class into each class whose expected occupancy is below the threshold."""
         threshold = self.params.reseed_threshold()
-        if state.iteration >= self.params.online_em_iterations:
+        if threshold is None or state.iteration >= self.params.online_em_iterations:
             return state
         for starving in np.flatnonzero(state.occupancy < threshold):
             largest = int(np.argmax(state.occupancy))
