@@ -6,6 +6,7 @@ read back in batches, as a job streams them from the store):
 
 - ``k1``: K = 1 on a single-conformation set (``--particles``, 10k) with each of ``--seeds`` (three): FSC against
   the true map after rigid alignment with a hand check (0.5-threshold resolution, which hand, correlation).
+- ``k1_matched``: K = 1, first seed, with ``--matched-iterations`` (fewer), for a wall time comparable to ASPIRE's.
 - ``k3``: K = 3 on the ``three-state`` scenario: ARI against the true state, and per class × state the FSC-0.5
   resolution and correlation after alignment (each class should match its own state best).
 - ``k6``: K = 6 on the ``three-state`` scenario: the same figures (six classes for three states).
@@ -22,7 +23,7 @@ read back in batches, as a job streams them from the store):
 Every cryostack record has: wall time (reading + iterations + final pass, and each part), peak RSS, iterations
 and minibatch schedule, the final half-set resolutions, and the parameters.
 
-    uv run python benchmarks/bench_abinitio.py [--cases k1 k3 k6 concurrent aspire large] [--particles 10000]
+    uv run python benchmarks/bench_abinitio.py [--cases k1 k1_matched k3 k6 concurrent aspire large] [--particles 10000]
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from simulated_stacks import StackFile, cached_stack, ctf_of, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "abinitio.json"
@@ -48,12 +49,6 @@ BOX_PX = 64
 PIXEL_SIZE_A = 3.0
 SNR = 0.1
 DATA_SEED = 0
-READ_BATCH = 2048
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def scenario_of(name: str) -> Any:
@@ -76,42 +71,7 @@ def simulator_of(name: str, n_particles: int) -> Any:
 
 def stack_path(name: str, n_particles: int) -> Path:
     """The cached image stack of a dataset, simulated on first use: a ``.npy`` of (N, D, D) float32."""
-    path = CACHE / f"{name}_{n_particles}_{BOX_PX}_{DATA_SEED}.npy"
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.npy")
-        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n_particles, BOX_PX, BOX_PX))
-        for batch in simulator_of(name, n_particles).batches(READ_BATCH):
-            images[batch.start : batch.start + len(batch.images)] = batch.images
-        images.flush()
-        del images
-        partial.rename(path)
-    return path
-
-
-def image_batches(path: Path, n_particles: int):  # noqa: ANN201  (generator)
-    """Batches ``(rows, images)`` read from the cached stack with plain reads (no mapping that would stay resident)."""
-    with path.open("rb") as handle:
-        major, _ = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        read_header(handle)  # leaves the file at the first image
-        for first in range(0, n_particles, READ_BATCH):
-            count = min(READ_BATCH, n_particles - first)
-            images = np.fromfile(handle, dtype=np.float32, count=count * BOX_PX * BOX_PX)
-            yield np.arange(first, first + count), images.reshape(count, BOX_PX, BOX_PX)
-
-
-def ctf_of(simulator: Any) -> Any:
-    """The ground-truth CTF parameters of the simulated set (what its particles.star carries)."""
-    from cryostack.core.ctf import CtfParameters  # noqa: PLC0415
-
-    truth, params = simulator.ground_truth, simulator.params
-    n = len(truth)
-    return CtfParameters(
-        defocus_u_a=truth.defocus_u_a, defocus_v_a=truth.defocus_v_a, defocus_angle_deg=truth.defocus_angle_deg,
-        voltage_kv=np.full(n, params.voltage_kv), cs_mm=np.full(n, params.cs_mm),
-        amplitude_contrast=np.full(n, params.amplitude_contrast), phase_shift_deg=np.zeros(n), bfactor_a2=np.zeros(n),
-    )
+    return cached_stack(CACHE / f"{name}_{n_particles}_{BOX_PX}_{DATA_SEED}.npy", simulator_of(name, n_particles))
 
 
 def true_maps(simulator: Any) -> dict[str, np.ndarray]:
@@ -150,7 +110,7 @@ def run_cryostack(spec: dict[str, Any]) -> dict[str, Any]:
                                 final_iterations=spec["final_iterations"])
     start = time.perf_counter()
     layout = SpectralLayout.for_resolution(BOX_PX, PIXEL_SIZE_A, params.max_resolution_a)
-    spectra = collect_spectra(image_batches(path, n_particles), n_particles, ctf_of(simulator), layout)
+    spectra = collect_spectra(StackFile(path).iter_batches(), n_particles, ctf_of(simulator), layout)
     read_s = time.perf_counter() - start
     run = AbinitioRun(spectra, params, spec["seed"])
     trace = []
@@ -212,7 +172,7 @@ def run_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
             params = AbinitioParameters(class_count=k, initial_iterations=spec["initial_iterations"],
                                         final_iterations=spec["final_iterations"])
             layout = SpectralLayout.for_resolution(BOX_PX, PIXEL_SIZE_A, params.max_resolution_a)
-            spectra = collect_spectra(image_batches(path, n_particles), n_particles, ctf_of(simulator), layout)
+            spectra = collect_spectra(StackFile(path).iter_batches(), n_particles, ctf_of(simulator), layout)
             run = AbinitioRun(spectra, params, spec["seed"])
             while not run.done:
                 run.step()
@@ -254,7 +214,7 @@ def run_aspire(spec: dict[str, Any]) -> dict[str, Any]:
     truth, params = simulator.ground_truth, simulator.params
     start = time.perf_counter()
     flipped = np.empty((n_particles, BOX_PX, BOX_PX), dtype=np.float32)
-    for rows, images in image_batches(path, n_particles):
+    for rows, images in StackFile(path).iter_batches():
         ctf = ctf_2d(BOX_PX, PIXEL_SIZE_A, truth.defocus_u_a[rows], truth.defocus_v_a[rows],
                      truth.defocus_angle_deg[rows], params.voltage_kv, params.cs_mm, params.amplitude_contrast)
         flipped[rows] = ifft2_centered(fft2_centered(images) * np.sign(ctf)).real
@@ -294,6 +254,11 @@ def specs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "k1" in args.cases:
         specs += [{"kind": "cryostack", "label": f"k1_seed{seed}", "scenario": "single", "particles": args.particles,
                    "classes": 1, "seed": seed, **iterations} for seed in args.seeds]
+    if "k1_matched" in args.cases:
+        initial, final = args.matched_iterations
+        specs.append({"kind": "cryostack", "label": "k1_matched", "scenario": "single", "particles": args.particles,
+                      "classes": 1, "seed": args.seeds[0], "initial_iterations": initial, "final_iterations": final,
+                      "note": "fewer iterations, for a wall time comparable to ASPIRE's"})
     for k, case in ((3, "k3"), (6, "k6")):
         if case in args.cases:
             specs.append({"kind": "cryostack", "label": case, "scenario": "three-state", "particles": args.particles,
@@ -317,7 +282,7 @@ def specs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     """Run the requested cases, each in a fresh process, and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cases = ["k1", "k3", "k6", "concurrent", "aspire", "large"]
+    cases = ["k1", "k1_matched", "k3", "k6", "concurrent", "aspire", "large"]
     parser.add_argument("--cases", nargs="+", default=cases, choices=cases)
     parser.add_argument("--particles", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -325,6 +290,7 @@ def main() -> None:
     parser.add_argument("--final-iterations", type=int, default=300)
     parser.add_argument("--large-particles", type=int, default=100_000)
     parser.add_argument("--large-iterations", type=int, nargs=2, default=[100, 100], metavar=("INITIAL", "FINAL"))
+    parser.add_argument("--matched-iterations", type=int, nargs=2, default=[80, 40], metavar=("INITIAL", "FINAL"))
     parser.add_argument("--large-classes", type=int, nargs="+", default=[1, 3, 6])
     parser.add_argument("--aspire-neighbours", type=int, default=20)
     parser.add_argument("--aspire-classes", type=int, default=200)

@@ -1,7 +1,7 @@
 """2D classification on the `floppy` scenario: quality with and without the per-class cap, speed, and ASPIRE.
 
-Cases (each in its own process, so its peak RSS is its own; particle images are memory-mapped from a cache of the
-simulated set, so RSS includes the pages of the stack it touched):
+Cases (each in its own process, so its peak RSS is its own; particle images are simulated once into a cache and
+read back in batches with plain file reads, as a job streams them from the store):
 
 - ``quality``: the floppy scenario (preferred orientation, hinge 0–60°, 30% domain missing; SNR 0.1, 3 Å/px) at
   ``--particles`` (20k) and box 64, K = 50, full cryoSPARC schedule (20 online iterations, 1 full), once without and
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from simulated_stacks import StackFile, cached_stack, ctf_of, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "classify2d.json"
@@ -46,11 +46,6 @@ PIXEL_SIZE_A = 3.0
 SNR = 0.1
 SEED = 0
 MAX_GT_PROJECTIONS = 12
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -66,36 +61,13 @@ def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2.0 * size**3 / best / 1e9
 
 
-def dataset(n_particles: int) -> tuple[np.ndarray, Any]:
-    """The floppy set of ``n_particles`` (memory-mapped images, simulator); simulated once, then cached."""
+def dataset(n_particles: int) -> tuple[Path, Any]:
+    """The floppy set of ``n_particles`` (cached ``.npy`` stack, simulator); simulated once, then cached."""
     from cryostack.core.simulate import ParticleSimulator, SimulationParameters, scenario  # noqa: PLC0415
 
     params = SimulationParameters(n_particles=n_particles, box_px=BOX_PX, pixel_size_a=PIXEL_SIZE_A, snr=SNR, seed=SEED)
     simulator = ParticleSimulator(scenario("floppy"), params)
-    path = CACHE / f"floppy_{n_particles}_{BOX_PX}_{SEED}.npy"
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.npy")
-        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n_particles, BOX_PX, BOX_PX))
-        for batch in simulator.batches(2048):
-            images[batch.start : batch.start + len(batch.images)] = batch.images
-        images.flush()
-        del images
-        partial.rename(path)
-    return np.load(path, mmap_mode="r"), simulator
-
-
-def ctf_of(simulator: Any) -> Any:
-    """The ground-truth CTF parameters of the simulated set (what its particles.star carries)."""
-    from cryostack.core.ctf import CtfParameters  # noqa: PLC0415
-
-    truth, params = simulator.ground_truth, simulator.params
-    n = len(truth)
-    return CtfParameters(
-        defocus_u_a=truth.defocus_u_a, defocus_v_a=truth.defocus_v_a, defocus_angle_deg=truth.defocus_angle_deg,
-        voltage_kv=np.full(n, params.voltage_kv), cs_mm=np.full(n, params.cs_mm),
-        amplitude_contrast=np.full(n, params.amplitude_contrast), phase_shift_deg=np.zeros(n), bfactor_a2=np.zeros(n),
-    )
+    return cached_stack(CACHE / f"floppy_{n_particles}_{BOX_PX}_{SEED}.npy", simulator), simulator
 
 
 class KernelMeter:
@@ -198,10 +170,10 @@ def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator:
 def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, cap_multiple: float | None,
                   online: int, with_quality: bool, label: str) -> dict[str, Any]:
     """One classification run in this process: timings, kernel share, memory and (optionally) quality."""
-    from cryostack.services.classify2d.algorithm import ArrayParticles, Classifier2D, Classify2DParameters  # noqa: PLC0415
+    from cryostack.services.classify2d.algorithm import Classifier2D, Classify2DParameters  # noqa: PLC0415
     from cryostack.services.classify2d.outputs import montage_png, sort_classes  # noqa: PLC0415
 
-    images, simulator = dataset(n_particles)
+    path, simulator = dataset(n_particles)
     sgemm = sgemm_gflops()
     meter = KernelMeter()
     meter.install()
@@ -209,7 +181,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
                                   max_particles_per_class_mean_multiple=cap_multiple)
     stamps: list[tuple[int, float, float]] = []
     start = time.perf_counter()
-    classifier = Classifier2D(params, ArrayParticles(images), PIXEL_SIZE_A, ctf_of(simulator), seed=SEED)
+    classifier = Classifier2D(params, StackFile(path), PIXEL_SIZE_A, ctf_of(simulator), seed=SEED)
 
     def on_iteration(state: Any, report: Any) -> None:
         stamps.append((report.iteration, time.perf_counter() - start, report.resolution_a))
@@ -268,15 +240,14 @@ def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> di
     from cryostack.core.fourier import fft2_centered, ifft2_centered  # noqa: PLC0415
     from cryostack.services.classify2d import evaluation, outputs  # noqa: F401, PLC0415  (fail before the long run)
 
-    images, simulator = dataset(n_particles)
+    path, simulator = dataset(n_particles)
     truth, params = simulator.ground_truth, simulator.params
     start = time.perf_counter()
-    flipped = np.empty(images.shape, dtype=np.float32)
-    for first in range(0, n_particles, 2048):
-        rows = slice(first, min(first + 2048, n_particles))
+    flipped = np.empty((n_particles, BOX_PX, BOX_PX), dtype=np.float32)
+    for rows, images in StackFile(path).iter_batches(batch_size=2048):
         ctf = ctf_2d(BOX_PX, PIXEL_SIZE_A, truth.defocus_u_a[rows], truth.defocus_v_a[rows],
                      truth.defocus_angle_deg[rows], params.voltage_kv, params.cs_mm, params.amplitude_contrast)
-        flipped[rows] = ifft2_centered(fft2_centered(np.asarray(images[rows])) * np.sign(ctf)).real
+        flipped[rows] = ifft2_centered(fft2_centered(images) * np.sign(ctf)).real
     source = ArrayImageSource(flipped, pixel_size=PIXEL_SIZE_A)
     averages_source = DefaultClassAvgSource(source, n_nbor=args.aspire_neighbours,
                                             class_selector=NeighborVarianceClassSelector())
