@@ -275,7 +275,8 @@ def specs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         specs += [{"kind": "cryostack", "label": f"large_k{k}", "scenario": "three-state",
                    "particles": args.large_particles, "classes": k, "seed": args.seeds[0], "quality": False,
                    "initial_iterations": initial, "final_iterations": final,
-                   "note": f"{initial} + {final} iterations instead of the defaults 200 + 300"} for k in args.large_classes]
+                   "note": f"{initial} + {final} iterations instead of the defaults 200 + 300"}
+                  for k in args.large_classes]
     return specs
 
 

@@ -4,12 +4,12 @@ Cases (each in its own process, so its peak RSS is its own; particle images are 
 read back in batches with plain file reads, as a job streams them from the store):
 
 - ``quality``: the floppy scenario (preferred orientation, hinge 0–60°, 30% domain missing; SNR 0.1, 3 Å/px) at
-  ``--particles`` (20k) and box 64, K = 50, full cryoSPARC schedule (20 online iterations, 1 full), once without and
-  once with the cap (``--cap-multiple`` × N/K). Per run: max class size vs the cap, % empty classes, tiny classes
-  (< 10% of N/K), each non-empty class average's correlation with the best noise-free ground-truth projection
-  (the CTF-free projections at the true view and conformation of up to 12 of its members, psi free: best in-plane
-  rotation and translation, both low-passed to ``--lowpass`` Å, inside the particle mask), per-class purity of
-  domain present/absent, and the montage PNG.
+  ``--particles`` (20k) and box 64, K = 50, cryoSPARC's schedule (20 online iterations, ``--final-full`` full ones,
+  default 1), once without and once with the cap (``--cap-multiple`` × N/K). Per run: max class size vs the cap,
+  % empty classes, tiny classes (< 10% of N/K), each non-empty class average's correlation with the best
+  noise-free ground-truth projection (the CTF-free projections at the true view and conformation of up to 12 of its
+  members, psi free: best in-plane rotation and translation, both low-passed to ``--lowpass`` Å, inside the
+  particle mask), per-class purity of domain present/absent, and the montage PNG.
 - ``timing``: wall time, particles/s (particle × iteration evaluations per second), peak RSS for N in
   ``--timing-particles`` and K in ``--timing-classes``, with the schedule reduced to ``--timing-online`` online
   iterations + 1 full pass; the full-schedule time is extrapolated from the measured per-iteration times.
@@ -168,7 +168,7 @@ def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator:
 
 
 def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, cap_multiple: float | None,
-                  online: int, with_quality: bool, label: str) -> dict[str, Any]:
+                  online: int, final_full: int, with_quality: bool, label: str) -> dict[str, Any]:
     """One classification run in this process: timings, kernel share, memory and (optionally) quality."""
     from cryostack.services.classify2d.algorithm import Classifier2D, Classify2DParameters  # noqa: PLC0415
     from cryostack.services.classify2d.outputs import montage_png, sort_classes  # noqa: PLC0415
@@ -178,7 +178,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
     meter = KernelMeter()
     meter.install()
     params = Classify2DParameters(class_count=n_classes, online_em_iterations=online,
-                                  max_particles_per_class_mean_multiple=cap_multiple)
+                                  final_full_iterations=final_full, max_particles_per_class_mean_multiple=cap_multiple)
     stamps: list[tuple[int, float, float]] = []
     start = time.perf_counter()
     classifier = Classifier2D(params, StackFile(path), PIXEL_SIZE_A, ctf_of(simulator), seed=SEED)
@@ -285,7 +285,8 @@ def child(args: argparse.Namespace) -> None:
         record = run_aspire(args, spec["particles"], spec["classes"])
     else:
         record = run_cryostack(args, spec["particles"], spec["classes"], spec.get("cap_multiple"), spec["online"],
-                               spec["quality"], spec["label"])
+                               spec.get("final_full", 1), spec["quality"], spec["label"])
+    record["load_average_end"] = os.getloadavg()
     print("RESULT " + json.dumps(record))
 
 
@@ -298,6 +299,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--cap-multiple", type=float, default=1.5, help="cap as a multiple of N/K (quality case)")
     parser.add_argument("--online", type=int, default=20, help="online iterations of the quality runs")
+    parser.add_argument("--final-full", type=int, default=1, help="final full iterations of the quality runs")
     parser.add_argument("--lowpass", type=float, default=12.0, help="low-pass (Å) before correlating with the truth")
     parser.add_argument("--aspire-neighbours", type=int, default=50)
     parser.add_argument("--timing-particles", type=int, nargs="+", default=[20_000, 100_000])
@@ -313,9 +315,9 @@ def main() -> None:
     if "quality" in args.cases:
         specs += [
             {"kind": "cryostack", "label": "no_cap", "particles": args.particles, "classes": args.classes,
-             "online": args.online, "quality": True},
+             "online": args.online, "final_full": args.final_full, "quality": True},
             {"kind": "cryostack", "label": "cap", "particles": args.particles, "classes": args.classes,
-             "online": args.online, "quality": True, "cap_multiple": args.cap_multiple},
+             "online": args.online, "final_full": args.final_full, "quality": True, "cap_multiple": args.cap_multiple},
         ]
     if "aspire" in args.cases:
         specs.append({"kind": "aspire", "particles": args.particles, "classes": args.classes})
