@@ -288,14 +288,17 @@ def collect_spectra(
     """Transform image batches ``(rows (B,), images (B, D, D))`` once and keep the layout's coefficients."""
     flat = layout.flat_indices(layout.box_px)
     coefficients = np.zeros((n_particles, layout.n_coefficients), dtype=np.complex64)
+    power_sum = np.zeros(layout.n_coefficients)  # (C,) Σ |X|² over particles, summed batch by batch
     seen = np.zeros(n_particles, dtype=bool)
     for rows, images in batches:
         transforms = fft2_centered(np.asarray(images, dtype=np.float32))  # (B, D, D) complex64
-        coefficients[rows] = transforms.reshape(len(rows), -1)[:, flat]
+        kept = transforms.reshape(len(rows), -1)[:, flat]  # (B, C)
+        coefficients[rows] = kept
+        power_sum += (kept.real**2 + kept.imag**2).sum(axis=0, dtype=np.float64)
         seen[rows] = True
     if not seen.all():
         raise InvalidArgumentError("particles", f"{int((~seen).sum())} of {n_particles} particles were never read")
-    mean_power = (coefficients.real**2 + coefficients.imag**2).mean(axis=0, dtype=np.float64)  # (C,)
+    mean_power = power_sum / n_particles  # (C,)
     counts = layout.shell_count(layout.n_coefficients)
     power = _fill_empty_shells(np.where(counts > 0, layout.shell_sum(mean_power) / np.maximum(counts, 1), 0.0))
     return ParticleSpectra(layout=layout, coefficients=coefficients, ctf=ctf, power=power)
