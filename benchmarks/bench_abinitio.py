@@ -311,16 +311,15 @@ def main() -> None:
         "data": {"box_px": BOX_PX, "pixel_size_a": PIXEL_SIZE_A, "snr": SNR, "seed": DATA_SEED, "ctf": True},
         "runs": [],
     }
-    if RESULTS.exists():
-        previous = json.loads(RESULTS.read_text())
-        report["runs"] = [r for r in previous.get("runs", []) if r.get("label") not in {s["label"] for s in specs}]
     for spec in specs:
         command = [sys.executable, __file__, "--child", json.dumps(spec)]
         # The child's progress goes straight to this process's stderr; its last stdout line is the record.
         completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
         record = json.loads(lines[-1][7:]) if lines else {**spec, "failed": True, "returncode": completed.returncode}
-        report["runs"].append(record)
+        # Read the file again: another invocation may have added its records while this one ran.
+        previous = json.loads(RESULTS.read_text()).get("runs", []) if RESULTS.exists() else []
+        report["runs"] = [r for r in previous if r.get("label") != record["label"]] + [record]
         RESULTS.write_text(json.dumps(report, indent=1))
         print(json.dumps({k: v for k, v in record.items() if k not in ("trace", "class_vs_state")}), flush=True)
 
