@@ -291,7 +291,7 @@ def main() -> None:
     parser.add_argument("--final-iterations", type=int, default=300)
     parser.add_argument("--large-particles", type=int, default=100_000)
     parser.add_argument("--large-iterations", type=int, nargs=2, default=[100, 100], metavar=("INITIAL", "FINAL"))
-    parser.add_argument("--matched-iterations", type=int, nargs=2, default=[80, 40], metavar=("INITIAL", "FINAL"))
+    parser.add_argument("--matched-iterations", type=int, nargs=2, default=[40, 20], metavar=("INITIAL", "FINAL"))
     parser.add_argument("--large-classes", type=int, nargs="+", default=[1, 3, 6])
     parser.add_argument("--aspire-neighbours", type=int, default=20)
     parser.add_argument("--aspire-classes", type=int, default=200)
