@@ -5,6 +5,8 @@
   otherwise the session starts an embedded SeaweedFS on free ports in a temporary directory and stops it at the end.
 - ``bucket`` / ``bucket_uri`` (function): a new empty bucket named ``cryostack-test-<random>``, emptied and removed
   after the test.
+- ``cli_environment`` (function): the ``CRYOSTACK_*`` variables a ``cryostack`` command reads, pointing at the
+  test store with job state in the test bucket and no stage service address (the command starts its own).
 - ``start_embedded_store`` (function): starts extra stores of a test's own (for outage tests); stopped at teardown.
 - ``shared_data_dir`` (session): the public test data (``/work/shared/data`` beside the repository, or
   ``CRYOSTACK_TEST_DATA_DIR``); tests that need it are skipped with a reason when it is absent.
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cryostack.config import ObjectStoreSettings
+from cryostack.config import ObjectStoreSettings, StageAddresses
 from cryostack.io.embedded import EmbeddedStore
 from cryostack.io.objectstore import ObjectStore
 from cryostack.io.uri import S3Uri
@@ -63,6 +65,18 @@ def bucket(object_store: ObjectStore) -> Iterator[str]:
 def bucket_uri(bucket: str) -> S3Uri:
     """The root URI (``s3://<bucket>``) of the test's fresh bucket."""
     return S3Uri(bucket)
+
+
+@pytest.fixture
+def cli_environment(monkeypatch: pytest.MonkeyPatch, object_store_settings: ObjectStoreSettings, bucket: str) -> None:
+    """Point ``cryostack`` commands at the test store, keep job state in the test bucket, configure no service."""
+    monkeypatch.setenv("CRYOSTACK_S3_ENDPOINT", object_store_settings.endpoint)
+    monkeypatch.setenv("CRYOSTACK_S3_ACCESS_KEY", object_store_settings.access_key.get_secret_value())
+    monkeypatch.setenv("CRYOSTACK_S3_SECRET_KEY", object_store_settings.secret_key.get_secret_value())
+    monkeypatch.setenv("CRYOSTACK_S3_SECURE", "true" if object_store_settings.secure else "false")
+    monkeypatch.setenv("CRYOSTACK_JOBS_URI", f"s3://{bucket}/jobs")
+    for field in StageAddresses.model_fields:
+        monkeypatch.delenv(f"CRYOSTACK_{field.upper()}", raising=False)
 
 
 @pytest.fixture

@@ -6,23 +6,11 @@ from __future__ import annotations
 import pytest
 
 from cryostack.cli.main import main
-from cryostack.config import ObjectStoreSettings
 from cryostack.core.simulate import ParticleSimulator, SimulationParameters, scenario
 from cryostack.io.dataset import write_simulated_dataset
 from cryostack.io.mrc import read_mrc
 from cryostack.io.objectstore import ObjectStore
 from cryostack.io.star import read_star
-
-
-@pytest.fixture
-def store_environment(monkeypatch: pytest.MonkeyPatch, object_store_settings: ObjectStoreSettings, bucket: str) -> None:
-    """Point the command at the test store, keep job state in the test bucket, configure no service address."""
-    monkeypatch.setenv("CRYOSTACK_S3_ENDPOINT", object_store_settings.endpoint)
-    monkeypatch.setenv("CRYOSTACK_S3_ACCESS_KEY", object_store_settings.access_key.get_secret_value())
-    monkeypatch.setenv("CRYOSTACK_S3_SECRET_KEY", object_store_settings.secret_key.get_secret_value())
-    monkeypatch.setenv("CRYOSTACK_S3_SECURE", "true" if object_store_settings.secure else "false")
-    monkeypatch.setenv("CRYOSTACK_JOBS_URI", f"s3://{bucket}/jobs")
-    monkeypatch.delenv("CRYOSTACK_ABINITIO_ADDRESS", raising=False)
 
 
 @pytest.fixture
@@ -32,7 +20,7 @@ def particles_uri(object_store: ObjectStore, bucket: str) -> str:
                                    object_store).particles_star
 
 
-@pytest.mark.usefixtures("store_environment")
+@pytest.mark.usefixtures("cli_environment")
 def test_abinitio_command_runs_a_job_on_an_embedded_service(
     particles_uri: str, bucket: str, object_store: ObjectStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -54,7 +42,7 @@ def test_abinitio_command_runs_a_job_on_an_embedded_service(
     assert object_store.get_bytes(lines["report"])[:4] == b"\x89PNG"
 
 
-@pytest.mark.usefixtures("store_environment")
+@pytest.mark.usefixtures("cli_environment")
 def test_abinitio_command_reports_bad_parameters(
     particles_uri: str, bucket: str, object_store: ObjectStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
