@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cryostack.core.fourier import (
+    centered_coefficients_2d,
     centered_frequency_indices,
     coefficient_frequencies,
     coefficient_indices,
@@ -113,6 +114,23 @@ def test_phase_ramp_on_a_coefficient_subset_matches_the_full_grid() -> None:
     np.testing.assert_array_equal(coefficient_indices(box, index), index)
     with pytest.raises(InvalidArgumentError):
         coefficient_indices(box, np.array([box * box]))
+
+
+@pytest.mark.parametrize("box", [8, 9, 64, 65])
+def test_centered_coefficients_match_the_full_centred_transform(box: int) -> None:
+    rng = np.random.default_rng(box)
+    images = rng.standard_normal((4, box, box)).astype(np.float32)
+    # Coefficients from both half-planes, the axes, Nyquist and DC, in no particular order.
+    index = rng.permutation(box * box)[: box * box // 3]
+    index = np.concatenate([index, [box * box // 2 + box // 2, 0, box - 1]])
+    expected = fft2_centered(images).reshape(4, -1)[:, index]
+    values = centered_coefficients_2d(images, index)
+    assert values.shape == (4, index.size) and values.dtype == np.complex64
+    np.testing.assert_allclose(values, expected, atol=1e-5 * float(np.abs(expected).max()))
+    with pytest.raises(InvalidArgumentError, match="images"):
+        centered_coefficients_2d(images[:, :, :-1], index)
+    with pytest.raises(InvalidArgumentError, match="coefficients"):
+        centered_coefficients_2d(images, np.array([box * box]))
 
 
 def test_fourier_crop_keeps_the_origin_centred() -> None:

@@ -68,7 +68,7 @@ import numpy as np
 import scipy.sparse
 
 from cryostack.core.ctf import CtfParameters
-from cryostack.core.fourier import fft2_centered, fft3_centered, ifft3_centered, resolution_to_shell
+from cryostack.core.fourier import centered_coefficients_2d, fft3_centered, ifft3_centered, resolution_to_shell
 from cryostack.core.fsc import fsc_curve, resolution_at_threshold
 from cryostack.core.geometry import matrix_to_euler, uniform_random_rotations
 from cryostack.core.poses import shift_step_px, so3_children, so3_grid_matrices, so3_level_for_step
@@ -291,8 +291,7 @@ def collect_spectra(
     power_sum = np.zeros(layout.n_coefficients)  # (C,) Σ |X|² over particles, summed batch by batch
     seen = np.zeros(n_particles, dtype=bool)
     for rows, images in batches:
-        transforms = fft2_centered(np.asarray(images, dtype=np.float32))  # (B, D, D) complex64
-        kept = transforms.reshape(len(rows), -1)[:, flat]  # (B, C)
+        kept = centered_coefficients_2d(images, flat)  # (B, C) complex64
         coefficients[rows] = kept
         power_sum += (kept.real**2 + kept.imag**2).sum(axis=0, dtype=np.float64)
         seen[rows] = True
