@@ -61,6 +61,7 @@ import numpy as np
 
 from cryostack.core.ctf import CtfParameters
 from cryostack.core.fourier import (
+    centered_coefficients_2d,
     fft2_centered,
     frequency_radius_px,
     ifft2_centered,
@@ -693,8 +694,7 @@ class Classifier2D:
 
     def _prepare(self, rows: np.ndarray, images: np.ndarray) -> _Batch:
         """Transforms, scoring coefficients and CTF of a batch of images (B, D, D)."""
-        images_ft = fft2_centered(np.asarray(images, dtype=np.float32))  # (B, D, D)
-        coefficients = images_ft.reshape(len(rows), -1)[:, self.coefficients.flat].astype(np.complex64)  # (B, C)
+        coefficients = centered_coefficients_2d(images, self.coefficients.flat)  # (B, C) complex64
         ctf = None if self.ctf is None else self.ctf.take(rows).at(self.coefficients.fy, self.coefficients.fx)
         return _Batch(rows, coefficients, ctf, self.half[rows])
 
@@ -774,27 +774,15 @@ class Classifier2D:
         r1 = plan.coarse_angles_deg.size
         x = batch.coefficients[:, scored]  # (B, C2 - 1)
         ctf = None if batch.ctf is None else batch.ctf[:, scored]
-        coarse_ll = np.empty((n_rows, k))
-        coarse_angle = np.empty((n_rows, k), dtype=np.int64)
-        coarse_shift = np.empty((n_rows, k), dtype=np.int64)
-        per_pose = None
+        coarse_ll = np.full((n_rows, k), -np.inf)
+        coarse_angle = np.zeros((n_rows, k), dtype=np.int64)
+        coarse_shift = np.zeros((n_rows, k), dtype=np.int64)
         for block in iter_log_likelihoods(
             x[:, :n_coarse], coarse_templates, ctf=None if ctf is None else ctf[:, :n_coarse],
             noise_var=noise_var[:n_coarse], shift_ramps=coarse_ramps[:, :n_coarse],
         ):
-            p, t = block.particles, block.templates
-            if t.start == 0:
-                per_pose = np.empty((p.stop - p.start, k * r1), dtype=np.float32)
-                per_pose_shift = np.empty((p.stop - p.start, k * r1), dtype=np.int64)
-            best_shift = block.values.argmax(axis=1)  # (n, m)
-            per_pose[:, t] = np.take_along_axis(block.values, best_shift[:, None, :], axis=1)[:, 0, :]
-            per_pose_shift[:, t] = best_shift
-            if t.stop == k * r1:
-                scores = per_pose.reshape(-1, k, r1)
-                best = scores.argmax(axis=2)  # (n, K)
-                coarse_ll[p] = np.take_along_axis(scores, best[..., None], axis=2)[..., 0]
-                coarse_angle[p] = best
-                coarse_shift[p] = np.take_along_axis(per_pose_shift.reshape(-1, k, r1), best[..., None], axis=2)[..., 0]
+            p = block.particles
+            _fold_coarse_block(block.values, block.templates, r1, coarse_ll[p], coarse_angle[p], coarse_shift[p])
 
         n_candidates = min(k, CANDIDATE_CLASSES)
         candidates = np.argsort(-coarse_ll, axis=1, kind="stable")[:, :n_candidates]  # (B, Kc) best first
@@ -1092,6 +1080,32 @@ class Classifier2D:
             capacity=self.capacity,
             reseeded=state.reseeded,
         )
+
+
+def _fold_coarse_block(
+    values: np.ndarray, templates: slice, angles_per_class: int,
+    best_ll: np.ndarray, best_angle: np.ndarray, best_shift: np.ndarray,
+) -> None:
+    """Fold a block of coarse scores into each particle's best (angle, shift) per class, in place.
+
+    ``values`` (n, S, m) scores the block's particles against templates ``templates`` of the (K·R1,) class-major
+    grid; ``best_*`` (n, K) are those particles' running bests. The maximum over shifts is a fast reduction; the
+    arg-max over shifts is taken only at each class's winning angle (an arg-max over the middle axis of the whole
+    block costs more than the GEMM that made it). Ties keep the first angle and shift, as ``argmax`` does.
+    """
+    n, r1 = values.shape[0], angles_per_class
+    first, last = templates.start // r1, -(-templates.stop // r1)  # classes this block touches
+    per_template = np.full((n, (last - first) * r1), -np.inf, dtype=np.float32)
+    per_template[:, templates.start - first * r1 : templates.stop - first * r1] = values.max(axis=1)
+    per_class = per_template.reshape(n, last - first, r1)
+    angle = per_class.argmax(axis=2)  # (n, k_block)
+    value = np.take_along_axis(per_class, angle[..., None], axis=2)[..., 0]
+    in_block = np.clip(np.arange(first, last)[None, :] * r1 + angle - templates.start, 0, values.shape[2] - 1)
+    shift = values[np.arange(n)[:, None], :, in_block].argmax(axis=2)  # (n, k_block)
+    better = value > best_ll[:, first:last]
+    best_ll[:, first:last][better] = value[better]
+    best_angle[:, first:last][better] = angle[better]
+    best_shift[:, first:last][better] = shift[better]
 
 
 def _pair_ramps(shifts_px: np.ndarray, box_px: int, flat: np.ndarray) -> np.ndarray:
