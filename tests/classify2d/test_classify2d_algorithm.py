@@ -16,6 +16,7 @@ from cryostack.services.classify2d.algorithm import (
     ClassificationState,
     Classifier2D,
     Classify2DParameters,
+    _fold_coarse_block,
     half_plane_coefficients,
     validate_parameters,
 )
@@ -185,6 +186,28 @@ def test_half_plane_coefficients_hold_one_of_each_friedel_pair(box_px: int) -> N
     assert coefficients.flat[0] == half * box_px + half  # DC first
     assert np.all(np.diff(coefficients.radius) >= 0)
     assert coefficients.multiplicity.sum() == inside.size
+
+
+@pytest.mark.parametrize("template_blocks", [[(0, 60)], [(0, 25), (25, 60)], [(0, 7), (7, 13), (13, 48), (48, 60)]])
+def test_coarse_blocks_fold_to_each_class_best_angle_and_shift(template_blocks: list[tuple[int, int]]) -> None:
+    # Scores (n, S, K·R1) for K = 5 classes of R1 = 12 angles, folded whole or in template blocks that split
+    # classes, must give each class's best score with the (first) arg-max angle and shift.
+    rng = np.random.default_rng(len(template_blocks))
+    n, n_shifts, k, r1 = 7, 4, 5, 12
+    values = rng.standard_normal((n, n_shifts, k * r1)).astype(np.float32)
+    values[0, 1, 3] = values[0, 2, 3] = values[0, 3, 5] = 9.0  # a tie over shifts and over angles of class 0
+    best_ll = np.full((n, k), -np.inf)
+    best_angle = np.zeros((n, k), dtype=np.int64)
+    best_shift = np.zeros((n, k), dtype=np.int64)
+    for start, stop in template_blocks:
+        _fold_coarse_block(values[:, :, start:stop], slice(start, stop), r1, best_ll, best_angle, best_shift)
+    per_class = values.reshape(n, n_shifts, k, r1)
+    flat = per_class.transpose(0, 2, 3, 1).reshape(n, k, -1)  # (n, K, R1·S): angle-major, then shift
+    expected = np.argmax(flat, axis=2)
+    np.testing.assert_array_equal(best_ll, flat.max(axis=2))
+    np.testing.assert_array_equal(best_angle, expected // n_shifts)
+    np.testing.assert_array_equal(best_shift, expected % n_shifts)
+    assert (best_angle[0, 0], best_shift[0, 0]) == (3, 1)
 
 
 def test_blob_references_are_centred() -> None:
