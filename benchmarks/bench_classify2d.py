@@ -232,7 +232,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
 def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> dict[str, Any]:
     """ASPIRE's class averaging on the same (phase-flipped) images, timed, with the same metrics."""
     import aspire  # noqa: PLC0415
-    from aspire.classification import NeighborVarianceClassSelector  # noqa: PLC0415
+    from aspire.classification import NeighborVarianceClassSelector, RIRClass2D  # noqa: PLC0415
     from aspire.denoising import DefaultClassAvgSource  # noqa: PLC0415
     from aspire.source import ArrayImageSource  # noqa: PLC0415
 
@@ -249,7 +249,11 @@ def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> di
                      truth.defocus_angle_deg[rows], params.voltage_kv, params.cs_mm, params.amplitude_contrast)
         flipped[rows] = ifft2_centered(fft2_centered(images) * np.sign(ctf)).real
     source = ArrayImageSource(flipped, pixel_size=PIXEL_SIZE_A)
-    averages_source = DefaultClassAvgSource(source, n_nbor=args.aspire_neighbours,
+    # DefaultClassAvgSource's own classifier, seeded: its random projections otherwise change the classes run to run.
+    classifier = RIRClass2D(source, fspca_components=400, bispectrum_components=300, n_nbor=args.aspire_neighbours,
+                            large_pca_implementation="legacy", nn_implementation="sklearn",
+                            bispectrum_implementation="legacy", seed=SEED)
+    averages_source = DefaultClassAvgSource(source, n_nbor=args.aspire_neighbours, classifier=classifier,
                                             class_selector=NeighborVarianceClassSelector())
     averages = averages_source.images[:n_classes].asnumpy().astype(np.float32)
     wall = time.perf_counter() - start
@@ -262,7 +266,7 @@ def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> di
     _aspire_montage(averages, [m.size for m in members_of], montage)
     return {
         "label": "aspire", "aspire_version": aspire.__version__, "particles": n_particles, "classes": n_classes,
-        "neighbours_per_class": args.aspire_neighbours, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
+        "neighbours_per_class": args.aspire_neighbours, "classifier_seed": SEED, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
         "note": "ASPIRE forms each class from one image's nearest neighbours (classes overlap and do not partition "
                 "the set), so occupancy limits do not apply; metrics cover the K selected classes",
         "montage_png": str(montage), "quality": quality,
