@@ -31,6 +31,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
 
 def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> dict[str, Any]:
     """ASPIRE's class averaging on the same (phase-flipped) images, timed, with the same metrics."""
+    os.chdir(tempfile.mkdtemp(prefix="aspire-"))  # ASPIRE writes its logs into the working directory
     import aspire  # noqa: PLC0415
     from aspire.classification import NeighborVarianceClassSelector, RIRClass2D  # noqa: PLC0415
     from aspire.denoising import DefaultClassAvgSource  # noqa: PLC0415
