@@ -129,6 +129,8 @@ def test_centered_coefficients_match_the_full_centred_transform(box: int) -> Non
     np.testing.assert_allclose(values, expected, atol=1e-5 * float(np.abs(expected).max()))
     with pytest.raises(InvalidArgumentError, match="images"):
         centered_coefficients_2d(images[:, :, :-1], index)
+    with pytest.raises(InvalidArgumentError, match="images"):
+        centered_coefficients_2d(images[0, 0], index)
     with pytest.raises(InvalidArgumentError, match="coefficients"):
         centered_coefficients_2d(images, np.array([box * box]))
 

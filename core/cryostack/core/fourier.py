@@ -242,9 +242,9 @@ def centered_coefficients_2d(images: Any, flat_indices: Any) -> Any:
     """
     xp = array_module(images)
     images = xp.asarray(images, dtype=np.float32)
-    box = images.shape[-1]
-    if images.ndim < 2 or images.shape[-2] != box:
+    if images.ndim < 2 or images.shape[-2] != images.shape[-1]:
         raise InvalidArgumentError("images", f"expected square images (..., D, D), got shape {images.shape}")
+    box = images.shape[-1]
     ky, kx = coefficient_frequencies(box, coefficient_indices(box, xp.asarray(flat_indices), xp))
     mirrored = kx < 0
     row = xp.where(mirrored, -ky, ky) % box
