@@ -11,6 +11,7 @@ from cryostack.core.fourier import fft2_centered, resolution_mask
 from cryostack.core.scoring import (
     iter_log_likelihoods,
     iter_posteriors,
+    local_log_likelihoods,
     log_likelihoods,
     prepare_templates,
     score_force_max,
@@ -88,6 +89,44 @@ def test_log_likelihoods_equal_the_direct_formula(with_shifts: bool, with_ctf_an
     got = log_likelihoods(**problem)
     assert got.dtype == np.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=_tolerance(problem))
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 30, 3000, 1])
+@pytest.mark.parametrize("with_shifts", [False, True])
+@pytest.mark.parametrize("with_ctf_and_noise", [False, True])
+def test_local_log_likelihoods_pick_each_particles_own_templates(
+    max_bytes: int, with_shifts: bool, with_ctf_and_noise: bool
+) -> None:
+    """Each particle's own templates (repeats allowed, different per particle) score as in the direct formula."""
+    rng = np.random.default_rng(4)
+    problem = _problem(rng)
+    if not with_shifts:
+        problem["shift_ramps"] = None
+    if not with_ctf_and_noise:
+        problem["ctf"] = problem["noise_var"] = None
+    index = rng.integers(0, problem["templates"].shape[0], size=(problem["particles"].shape[0], 4))
+    index[0] = index[0, 0]
+    expected = np.take_along_axis(_direct(problem), index[:, None, :], axis=2)  # (N, S, m)
+    got = local_log_likelihoods(**problem, template_index=index, max_bytes=max_bytes)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=_tolerance(problem))
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        (np.zeros((7, 0), dtype=np.int64), "m >= 1"),
+        (np.zeros((6, 2), dtype=np.int64), r"\(7, m\)"),
+        (np.zeros((7, 2), dtype=np.float32), "integers"),
+        (np.full((7, 2), 11), r"\[0, 11\)"),
+        (np.full((7, 2), -1), r"\[0, 11\)"),
+    ],
+)
+def test_local_log_likelihoods_name_a_bad_template_index(index: np.ndarray, message: str) -> None:
+    problem = _problem(np.random.default_rng(5))
+    with pytest.raises(InvalidArgumentError, match=message) as caught:
+        local_log_likelihoods(**problem, template_index=index)
+    assert caught.value.field == "template_index"
 
 
 @pytest.mark.parametrize("max_bytes", [1 << 30, 4000, 1])
@@ -296,6 +335,12 @@ def test_cupy_matches_numpy() -> None:
     device = {name: None if value is None else cupy.asarray(value) for name, value in problem.items()}
     tolerance = _tolerance(problem)
     np.testing.assert_allclose(to_host(log_likelihoods(**device)), log_likelihoods(**problem), atol=tolerance)
+    index = np.random.default_rng(10).integers(0, 30, size=(50, 6))
+    np.testing.assert_allclose(
+        to_host(local_log_likelihoods(**device, template_index=cupy.asarray(index), max_bytes=20_000)),
+        local_log_likelihoods(**problem, template_index=index),
+        atol=tolerance,
+    )
     host_max, device_max = score_force_max(**problem), score_force_max(**device, max_bytes=20_000)
     np.testing.assert_array_equal(to_host(device_max.template), host_max.template)
     np.testing.assert_array_equal(to_host(device_max.shift), host_max.shift)

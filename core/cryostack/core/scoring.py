@@ -193,6 +193,61 @@ def iter_log_likelihoods(
             yield LogLikelihoodBlock(particles=p_block, templates=t_block, values=values)
 
 
+def local_log_likelihoods(
+    particles: Array,
+    templates: Array,
+    template_index: Array,
+    *,
+    ctf: Array | None = None,
+    noise_var: Array | None = None,
+    shift_ramps: Array | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Array:
+    """Log-likelihoods ``(N, S, m)`` float32 of each particle against its own ``m`` templates (a local search).
+
+    ``template_index`` ``(N, m)`` picks particle ``n``'s templates from the shared table ``(M, C)`` (or prepared
+    templates); entry ``[n, s, j]`` equals :func:`log_likelihoods`'s ``[n, s, template_index[n, j]]``. The work is
+    ``N·m`` template rows instead of ``N·M``: each particle block forms ``X·CTF/σ² · conj(T)`` for its own templates
+    and one real GEMM against the shift ramps, ``(n·m, 2C) @ (2C, S)``; the ``CTF²·|T|²`` term is a row-wise sum.
+    """
+    problem = _Problem(particles, templates, ctf, noise_var, shift_ramps, 1.0, None, None)
+    xp, c = problem.xp, problem.n_coeffs
+    index = xp.asarray(template_index)
+    if index.ndim != 2 or index.shape[0] != problem.n_particles or index.shape[1] == 0:
+        raise InvalidArgumentError(
+            "template_index", f"expected ({problem.n_particles}, m) with m >= 1, got {tuple(index.shape)}"
+        )
+    if index.dtype.kind not in "iu":
+        raise InvalidArgumentError("template_index", f"must be integers, got {index.dtype}")
+    if int(index.min()) < 0 or int(index.max()) >= problem.n_templates:
+        raise InvalidArgumentError("template_index", f"must lie in [0, {problem.n_templates})")
+    if max_bytes < 1:
+        raise InvalidArgumentError("max_bytes", f"must be positive, got {max_bytes}")
+    table = xp.ascontiguousarray(problem.template_rows[:, : 2 * c]).view(xp.complex64)  # (M, C)
+    squares = problem.template_rows[:, 2 * c :]  # (M, C) |T|²
+    ramps = xp.ones((1, c), dtype=xp.complex64) if problem.ramps is None else problem.ramps  # (S, C)
+    # Re Σ_c q_c·ramp_sc as a real product: (Re q, Im q) interleaved against (Re ramp, −Im ramp) interleaved.
+    ramp_matrix = xp.ascontiguousarray(
+        xp.stack([ramps.real, -ramps.imag], axis=2).reshape(ramps.shape[0], 2 * c).T
+    )  # (2C, S) float32
+    n_total, m = index.shape
+    n_shifts = ramps.shape[0]
+    # Per particle: gathered templates and |T|², their product with the particle (complex) and the scores.
+    per_particle = 4 * m * (2 * c + c + 2 * c + 2 * n_shifts)
+    step = max(1, max_bytes // per_particle)
+    out = xp.empty((n_total, n_shifts, m), dtype=xp.float32)
+    for p0 in range(0, n_total, step):
+        p1 = min(p0 + step, n_total)
+        weighted, ctf_power, x_norm = problem.particle_terms(p0, p1)
+        rows = index[p0:p1]  # (n, m)
+        products = weighted[:, None, :] * xp.conj(xp.take(table, rows, axis=0))  # (n, m, C)
+        cross = (products.view(xp.float32).reshape(-1, 2 * c) @ ramp_matrix).reshape(p1 - p0, m, n_shifts)
+        power = xp.einsum("nc,nmc->nm", ctf_power, xp.take(squares, rows, axis=0))  # (n, m)
+        cross -= (power + x_norm[:, None])[:, :, None]
+        out[p0:p1] = xp.swapaxes(cross, 1, 2)
+    return out
+
+
 def iter_posteriors(
     particles: Array,
     templates: Array,
@@ -493,21 +548,26 @@ class _Problem:
         for p0 in range(0, self.n_particles, n_chunk):
             yield slice(p0, min(p0 + n_chunk, self.n_particles)), t_blocks
 
+    def particle_terms(self, p0: int, p1: int) -> tuple[Array, Array, Array]:
+        """Particles ``p0:p1`` as ``X·CTF/σ²`` (n, C) complex64, ``CTF²/2σ²`` (n, C) and ``Σ|X|²/2σ²`` (n,)."""
+        xp = self.xp
+        x = self.particles[p0:p1]  # (n, C)
+        weight = self.inv_var[None, :] if self.ctf is None else self.ctf[p0:p1] * self.inv_var  # (n, C) or (1, C)
+        ctf_power = 0.5 * self.inv_var[None, :] if self.ctf is None else 0.5 * self.ctf[p0:p1] ** 2 * self.inv_var
+        x_norm = (x.real**2 + x.imag**2) @ (0.5 * self.inv_var)  # (n,)
+        return x * weight, xp.broadcast_to(ctf_power, x.shape), x_norm
+
     def particle_side(self, p0: int, p1: int) -> _ParticleSide:
         """The particle-side GEMM operands of particles ``p0:p1``."""
         xp = self.xp
-        x = self.particles[p0:p1]  # (n, C)
-        n, c = x.shape
-        weight = self.inv_var[None, :] if self.ctf is None else self.ctf[p0:p1] * self.inv_var  # (n, C) or (1, C)
-        ctf_power = 0.5 * self.inv_var[None, :] if self.ctf is None else 0.5 * self.ctf[p0:p1] ** 2 * self.inv_var
-        ctf_power = xp.broadcast_to(ctf_power, (n, c))
-        x_norm = (x.real**2 + x.imag**2) @ (0.5 * self.inv_var)  # (n,)
+        weighted, ctf_power, x_norm = self.particle_terms(p0, p1)
+        n, c = weighted.shape
         if self.ramps is None:
             rows = xp.empty((n, 3 * c), dtype=xp.float32)
-            rows[:, : 2 * c] = (x * weight).view(xp.float32)
+            rows[:, : 2 * c] = weighted.view(xp.float32)
             rows[:, 2 * c :] = -ctf_power
             return _ParticleSide(rows=rows, ctf_power=None, x_norm=x_norm.astype(xp.float32), n_particles=n)
-        shifted = (x * weight)[:, None, :] * self.ramps[None, :, :]  # (n, S, C) complex64
+        shifted = weighted[:, None, :] * self.ramps[None, :, :]  # (n, S, C) complex64
         rows = shifted.view(xp.float32).reshape(n * self.n_shifts, 2 * c)
         return _ParticleSide(
             rows=rows, ctf_power=xp.ascontiguousarray(ctf_power), x_norm=x_norm.astype(xp.float32), n_particles=n
