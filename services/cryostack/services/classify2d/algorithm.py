@@ -29,7 +29,10 @@ reported counts, class averages and ``particles.star`` agree and no class exceed
 M-step. CTF-weighted sums ``Σ r·CTF·X`` and ``Σ r·CTF²`` are inserted at each particle's pose into padded 2D
 Fourier accumulators (zero-pad factor), one per class and random half-set. Online-EM iterations work on random
 minibatches of ``batch_size_per_class · K`` particles and move running sums towards the minibatch's by
-``η_t = max(1 / t, ETA_MIN)``; full iterations replace them. Class averages are Wiener estimates (T = 2) with τ² from
+``η_t = max(1 / t, ETA_MIN)``; full iterations replace them. An online iteration reads and inserts only the
+coefficients it scores (the current resolution plus the margin below), as RELION's current image size does: the
+shells beyond stay as they were until the resolution reaches them; full iterations insert every coefficient up to
+the maximum resolution. Class averages are Wiener estimates (T = 2) with τ² from
 the FRC of the two half-set averages, then multiplied by the soft circular mask and, unless it is the last
 iteration, re-centred on their centre of mass (running sums shifted with them). When ``min_particles_per_class``
 is set (re-seeding is off by default, as in cryoSPARC), classes whose expected occupancy falls below it are
@@ -78,7 +81,12 @@ from cryostack.core.noise import noise_power_from_background
 from cryostack.core.poses import inplane_angle_step_deg, inplane_angles_deg, shift_grid_px, shift_step_px
 from cryostack.core.projection import Projector2D
 from cryostack.core.reconstruction import DEFAULT_TAU2_FUDGE_2D, Reconstructor2D, reconstruct_from_sums
-from cryostack.core.scoring import iter_log_likelihoods, prepare_templates, shift_phase_ramps
+from cryostack.core.scoring import (
+    iter_log_likelihoods,
+    local_log_likelihoods,
+    prepare_templates,
+    shift_phase_ramps,
+)
 from cryostack.errors import InvalidArgumentError
 from cryostack.services.classify2d.capacity import batch_capacity, capped_assignment, capped_responsibilities
 
@@ -111,7 +119,6 @@ MIN_FRC_PARTICLES = 10
 # Particles scored per pass chunk and inserted per chunk (memory bound).
 PASS_BATCH = 1000
 _INSERT_CHUNK = 512
-_LOCAL_CHUNK = 256
 
 # Purposes of the seeded random streams.
 _STREAM_BATCH, _STREAM_NOISE, _STREAM_INIT, _STREAM_HALVES = 1, 2, 3, 4
@@ -434,7 +441,7 @@ class _Batch:
     """A batch of particles prepared for scoring and insertion."""
 
     rows: np.ndarray  # (B,) int64 particle indices
-    coefficients: np.ndarray  # (B, C) complex64 transforms at the half-plane coefficients (DC first)
+    coefficients: np.ndarray  # (B, C) complex64 transforms at a prefix of the half-plane coefficients (DC first)
     ctf: np.ndarray | None  # (B, C) float32 CTF at those coefficients (None: no CTF correction)
     half: np.ndarray  # (B,) int64 half-set 0 or 1
 
@@ -608,8 +615,8 @@ class Classifier2D:
         """Score a random minibatch, capped E-step, move the running sums towards the minibatch's."""
         size = min(self.n_particles, self.params.batch_size_per_class * self.n_classes)
         rows = np.sort(_rng(self.seed, _STREAM_BATCH, iteration).choice(self.n_particles, size=size, replace=False))
-        batch = self._prepare(rows, self.particles.read(rows))
         plan = self._plan(state.resolution_a)
+        batch = self._prepare(rows, self.particles.read(rows), plan.fine_count)
         scorer = self._scorer(state, plan, iteration)
         alignment = scorer(batch)
         temperature = self.temperature(iteration)
@@ -692,10 +699,12 @@ class Classifier2D:
 
     # ------------------------------------------------------------------------------------ preparation
 
-    def _prepare(self, rows: np.ndarray, images: np.ndarray) -> _Batch:
-        """Transforms, scoring coefficients and CTF of a batch of images (B, D, D)."""
-        coefficients = centered_coefficients_2d(images, self.coefficients.flat)  # (B, C) complex64
-        ctf = None if self.ctf is None else self.ctf.take(rows).at(self.coefficients.fy, self.coefficients.fx)
+    def _prepare(self, rows: np.ndarray, images: np.ndarray, count: int | None = None) -> _Batch:
+        """Transforms and CTF of a batch of images (B, D, D) at the first ``count`` coefficients (None: all)."""
+        kept = slice(0, count)
+        coefficients = centered_coefficients_2d(images, self.coefficients.flat[kept])  # (B, C) complex64
+        fy, fx = self.coefficients.fy[kept], self.coefficients.fx[kept]
+        ctf = None if self.ctf is None else self.ctf.take(rows).at(fy, fx)
         return _Batch(rows, coefficients, ctf, self.half[rows])
 
     def _plan(self, resolution_a: float) -> _SearchPlan:
@@ -837,61 +846,40 @@ class Classifier2D:
         """Score (particle, class) pairs on the local fine grid around their coarse pose at the full prefix."""
         n_pairs = rows.size
         r2 = plan.fine_angles_deg.size
-        inv_var = 1.0 / noise_var  # (C2,)
-        weight = inv_var[None, :] if ctf is None else ctf * inv_var  # (B, C2) or (1, C2): CTF / σ²
-        power_weight = 0.5 * (inv_var[None, :] if ctf is None else ctf * ctf * inv_var)  # CTF² / 2σ²
-        x_norm = (x.real**2 + x.imag**2) @ (0.5 * inv_var)  # (B,)
         window = plan.angle_window  # (W,)
         n_window, n_local = window.size, plan.local_shifts_px.shape[0]
+        angle_index = (coarse_angle[:, None] * plan.angle_oversampling + window[None, :]) % r2  # (pairs, W)
+        # Each pair's particle, moved back by its coarse shift, against its class's W angles around the coarse one.
+        local_ll = local_log_likelihoods(
+            x[rows] * coarse_ramps[coarse_shift], fine.reshape(-1, fine.shape[-1]), classes[:, None] * r2 + angle_index,
+            ctf=None if ctf is None else ctf[rows], noise_var=noise_var, shift_ramps=local_ramps,
+        )  # (pairs, S2, W)
+        flat_scores = local_ll.reshape(n_pairs, -1).astype(np.float64)  # (pairs, S2·W)
+        pairs = np.arange(n_pairs)
+        best = np.argmax(flat_scores, axis=1)
+        shift_index, window_index = np.divmod(best, n_window)
+        best_angle = angle_index[pairs, window_index]
+        centre_px = plan.coarse_shifts_px[coarse_shift]  # (pairs, 2)
         out = {
-            "score": np.empty(n_pairs),
-            "angle_index": np.empty(n_pairs, dtype=np.int64),
-            "shift_index": np.empty(n_pairs, dtype=np.int64),
-            "angle_deg": np.empty(n_pairs, dtype=np.float32),
-            "shift_px": np.empty((n_pairs, 2), dtype=np.float32),
-            "pose_angle_deg": np.empty((n_pairs, MARGINAL_POSES), dtype=np.float32),
-            "pose_shift_px": np.empty((n_pairs, MARGINAL_POSES, 2), dtype=np.float32),
-            "pose_weight": np.empty((n_pairs, MARGINAL_POSES), dtype=np.float32),
+            "score": flat_scores[pairs, best],
+            "angle_index": best_angle,
+            "shift_index": shift_index,
+            "angle_deg": plan.fine_angles_deg[best_angle].astype(np.float32),
+            "shift_px": (centre_px + plan.local_shifts_px[shift_index]).astype(np.float32),
         }
-        marginal = not self.params.force_max_over_poses_shifts
-        for start in range(0, n_pairs, _LOCAL_CHUNK):
-            chunk = slice(start, min(start + _LOCAL_CHUNK, n_pairs))
-            r, cls = rows[chunk], classes[chunk]
-            angle_index = (coarse_angle[chunk, None] * plan.angle_oversampling + window[None, :]) % r2  # (P, W)
-            templates = fine[cls[:, None], angle_index]  # (P, W, C2) complex64
-            particle = x[r] * (weight[r] if ctf is not None else weight) * coarse_ramps[coarse_shift[chunk]]  # (P, C2)
-            shifted = particle[:, None, :] * local_ramps[None, :, :]  # (P, S2, C2)
-            cross = np.matmul(
-                shifted.view(np.float32), np.swapaxes(templates.view(np.float32), 1, 2)
-            )  # (P, S2, W): Re Σ conj(T)·X·ramp·CTF/σ²
-            pair_power_weight = power_weight[r] if ctf is not None else np.broadcast_to(power_weight, x[r].shape)
-            power = np.einsum("pc,pwc->pw", pair_power_weight, templates.real**2 + templates.imag**2)  # (P, W)
-            scores = cross - power[:, None, :] - x_norm[r][:, None, None]  # (P, S2, W)
-            flat_scores = scores.reshape(r.size, -1).astype(np.float64)
-            best = np.argmax(flat_scores, axis=1)
-            shift_index, window_index = np.divmod(best, n_window)
-            best_angle = angle_index[np.arange(r.size), window_index]
-            out["angle_index"][chunk] = best_angle
-            out["shift_index"][chunk] = shift_index
-            out["angle_deg"][chunk] = plan.fine_angles_deg[best_angle]
-            out["shift_px"][chunk] = plan.coarse_shifts_px[coarse_shift[chunk]] + plan.local_shifts_px[shift_index]
-            peak = flat_scores[np.arange(r.size), best]
-            if not marginal:
-                out["score"][chunk] = peak
-                continue
-            # Marginalised: the class's evidence is the log-mean of the pose likelihoods on the local grid.
-            relative = np.exp(flat_scores - peak[:, None])  # (P, S2·W)
-            out["score"][chunk] = peak + np.log(relative.sum(axis=1) / (n_local * n_window))
-            top = np.argsort(-flat_scores, axis=1, kind="stable")[:, :MARGINAL_POSES]  # (P, MARGINAL_POSES)
-            top_shift, top_window = np.divmod(top, n_window)
-            top_weight = np.take_along_axis(relative, top, axis=1)
-            out["pose_weight"][chunk] = top_weight / top_weight.sum(axis=1, keepdims=True)
-            out["pose_angle_deg"][chunk] = plan.fine_angles_deg[
-                np.take_along_axis(angle_index, top_window, axis=1)
-            ]
-            out["pose_shift_px"][chunk] = (
-                plan.coarse_shifts_px[coarse_shift[chunk]][:, None, :] + plan.local_shifts_px[top_shift]
-            )
+        if self.params.force_max_over_poses_shifts:
+            return out
+        # Marginalised: the class's evidence is the log-mean of the pose likelihoods on the local grid.
+        relative = np.exp(flat_scores - out["score"][:, None])  # (pairs, S2·W)
+        out["score"] = out["score"] + np.log(relative.sum(axis=1) / (n_local * n_window))
+        top = np.argsort(-flat_scores, axis=1, kind="stable")[:, :MARGINAL_POSES]  # (pairs, MARGINAL_POSES)
+        top_shift, top_window = np.divmod(top, n_window)
+        top_weight = np.take_along_axis(relative, top, axis=1)
+        out["pose_weight"] = (top_weight / top_weight.sum(axis=1, keepdims=True)).astype(np.float32)
+        out["pose_angle_deg"] = plan.fine_angles_deg[np.take_along_axis(angle_index, top_window, axis=1)].astype(
+            np.float32
+        )
+        out["pose_shift_px"] = (centre_px[:, None, :] + plan.local_shifts_px[top_shift]).astype(np.float32)
         return out
 
     def _residual_power(
@@ -945,7 +933,7 @@ class Classifier2D:
     ) -> None:
         """Insert each particle into every class it belongs to with weight >= MIN_INSERT_WEIGHT, at its pose(s)."""
         member, cls, angle, shift, weight = _insertions(alignment, weights)
-        flat = self.coefficients.flat
+        flat = self.coefficients.flat[: batch.coefficients.shape[1]]
         for start in range(0, member.size, _INSERT_CHUNK):
             chunk = slice(start, start + _INSERT_CHUNK)
             rows = member[chunk]
