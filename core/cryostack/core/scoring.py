@@ -205,44 +205,46 @@ def local_log_likelihoods(
 ) -> Array:
     """Log-likelihoods ``(N, S, m)`` float32 of each particle against its own ``m`` templates (a local search).
 
-    ``template_index`` ``(N, m)`` picks particle ``n``'s templates from the shared table ``(M, C)`` (or prepared
-    templates); entry ``[n, s, j]`` equals :func:`log_likelihoods`'s ``[n, s, template_index[n, j]]``. The work is
-    ``N·m`` template rows instead of ``N·M``: each particle block forms ``X·CTF/σ² · conj(T)`` for its own templates
-    and one real GEMM against the shift ramps, ``(n·m, 2C) @ (2C, S)``; the ``CTF²·|T|²`` term is a row-wise sum.
+    ``template_index`` ``(N, m)`` picks particle ``n``'s templates from the shared table ``(M, C)`` complex64;
+    entry ``[n, s, j]`` equals :func:`log_likelihoods`'s ``[n, s, template_index[n, j]]``. The work is ``N·m``
+    template rows instead of ``N·M``: each particle block gathers its own templates, forms ``X·CTF/σ² · conj(T)``
+    and runs one real GEMM against the shift ramps, ``(n·m, 2C) @ (2C, S)``; the ``CTF²·|T|²`` term is a row-wise
+    sum. The table is used as given (no prepared copy), so a large shared table costs no extra memory.
     """
-    problem = _Problem(particles, templates, ctf, noise_var, shift_ramps, 1.0, None, None)
-    xp, c = problem.xp, problem.n_coeffs
+    inputs = _Particles(particles, ctf, noise_var, shift_ramps)
+    xp, c = inputs.xp, inputs.n_coeffs
+    table = _as_matrix(xp, templates, xp.complex64, "templates")  # (M, C)
+    if table.shape[1] != c:
+        raise InvalidArgumentError("templates", f"have {table.shape[1]} coefficients, particles {c}")
     index = xp.asarray(template_index)
-    if index.ndim != 2 or index.shape[0] != problem.n_particles or index.shape[1] == 0:
+    if index.ndim != 2 or index.shape[0] != inputs.n_particles or index.shape[1] == 0:
         raise InvalidArgumentError(
-            "template_index", f"expected ({problem.n_particles}, m) with m >= 1, got {tuple(index.shape)}"
+            "template_index", f"expected ({inputs.n_particles}, m) with m >= 1, got {tuple(index.shape)}"
         )
     if index.dtype.kind not in "iu":
         raise InvalidArgumentError("template_index", f"must be integers, got {index.dtype}")
-    if int(index.min()) < 0 or int(index.max()) >= problem.n_templates:
-        raise InvalidArgumentError("template_index", f"must lie in [0, {problem.n_templates})")
+    if int(index.min()) < 0 or int(index.max()) >= table.shape[0]:
+        raise InvalidArgumentError("template_index", f"must lie in [0, {table.shape[0]})")
     if max_bytes < 1:
         raise InvalidArgumentError("max_bytes", f"must be positive, got {max_bytes}")
-    table = xp.ascontiguousarray(problem.template_rows[:, : 2 * c]).view(xp.complex64)  # (M, C)
-    squares = problem.template_rows[:, 2 * c :]  # (M, C) |T|²
-    ramps = xp.ones((1, c), dtype=xp.complex64) if problem.ramps is None else problem.ramps  # (S, C)
+    ramps = xp.ones((1, c), dtype=xp.complex64) if inputs.ramps is None else inputs.ramps  # (S, C)
     # Re Σ_c q_c·ramp_sc as a real product: (Re q, Im q) interleaved against (Re ramp, −Im ramp) interleaved.
     ramp_matrix = xp.ascontiguousarray(
         xp.stack([ramps.real, -ramps.imag], axis=2).reshape(ramps.shape[0], 2 * c).T
     )  # (2C, S) float32
     n_total, m = index.shape
     n_shifts = ramps.shape[0]
-    # Per particle: gathered templates and |T|², their product with the particle (complex) and the scores.
-    per_particle = 4 * m * (2 * c + c + 2 * c + 2 * n_shifts)
-    step = max(1, max_bytes // per_particle)
+    # Per particle: its gathered templates, their product with it (complex each), |T|² and the scores.
+    step = max(1, max_bytes // (4 * m * (5 * c + 2 * n_shifts)))
     out = xp.empty((n_total, n_shifts, m), dtype=xp.float32)
     for p0 in range(0, n_total, step):
         p1 = min(p0 + step, n_total)
-        weighted, ctf_power, x_norm = problem.particle_terms(p0, p1)
-        rows = index[p0:p1]  # (n, m)
-        products = weighted[:, None, :] * xp.conj(xp.take(table, rows, axis=0))  # (n, m, C)
+        weighted, ctf_power, x_norm = inputs.particle_terms(p0, p1)
+        own = xp.take(table, index[p0:p1], axis=0)  # (n, m, C)
+        power = xp.einsum("nc,nmc->nm", ctf_power, own.real**2 + own.imag**2)  # (n, m)
+        products = xp.conj(own, out=own)
+        products *= weighted[:, None, :]  # (n, m, C): X·CTF/σ²·conj(T)
         cross = (products.view(xp.float32).reshape(-1, 2 * c) @ ramp_matrix).reshape(p1 - p0, m, n_shifts)
-        power = xp.einsum("nc,nmc->nm", ctf_power, xp.take(squares, rows, axis=0))  # (n, m)
         cross -= (power + x_norm[:, None])[:, :, None]
         out[p0:p1] = xp.swapaxes(cross, 1, 2)
     return out
@@ -488,32 +490,17 @@ class _ParticleSide:
     n_particles: int
 
 
-class _Problem:
-    """Validated inputs in one array module, with the template side precomputed once."""
+class _Particles:
+    """Validated particle-side inputs in one array module: particles, CTF, noise variances and shift ramps."""
 
     def __init__(
-        self,
-        particles: Array,
-        templates: Array,
-        ctf: Array | None,
-        noise_var: Array | None,
-        shift_ramps: Array | None,
-        temperature: float,
-        log_prior: Array | None,
-        shift_log_prior: Array | None,
+        self, particles: Array, ctf: Array | None, noise_var: Array | None, shift_ramps: Array | None
     ) -> None:
         xp = array_module(particles)
         self.xp: ModuleType = xp
         self.particles = _as_matrix(xp, particles, xp.complex64, "particles")  # (N, C)
         n_particles, n_coeffs = self.particles.shape
-        prepared = templates if isinstance(templates, PreparedTemplates) else prepare_templates(xp.asarray(templates))
-        # [Re T, Im T interleaved | |T|²]: one matrix serves both GEMMs (and the fused one without shifts).
-        self.template_rows = xp.asarray(prepared.rows)  # (M, 3C) float32
-        if prepared.n_coefficients != n_coeffs:
-            raise InvalidArgumentError(
-                "templates", f"have {prepared.n_coefficients} coefficients, particles {n_coeffs}"
-            )
-        if n_particles == 0 or prepared.n_templates == 0 or n_coeffs == 0:
+        if n_particles == 0 or n_coeffs == 0:
             raise InvalidArgumentError("particles", "particles, templates and coefficients must all be non-empty")
         self.ctf = None if ctf is None else _as_matrix(xp, ctf, xp.float32, "ctf")  # (N, C)
         if self.ctf is not None and self.ctf.shape != self.particles.shape:
@@ -530,12 +517,48 @@ class _Problem:
         self.ramps = None if shift_ramps is None else _as_matrix(xp, shift_ramps, xp.complex64, "shift_ramps")  # (S, C)
         if self.ramps is not None and self.ramps.shape[1] != n_coeffs:
             raise InvalidArgumentError("shift_ramps", f"have {self.ramps.shape[1]} coefficients, particles {n_coeffs}")
+        self.n_particles, self.n_coeffs = n_particles, n_coeffs
+        self.n_shifts = 1 if self.ramps is None else self.ramps.shape[0]
+
+    def particle_terms(self, p0: int, p1: int) -> tuple[Array, Array, Array]:
+        """Particles ``p0:p1`` as ``X·CTF/σ²`` (n, C) complex64, ``CTF²/2σ²`` (n, C) and ``Σ|X|²/2σ²`` (n,)."""
+        xp = self.xp
+        x = self.particles[p0:p1]  # (n, C)
+        weight = self.inv_var[None, :] if self.ctf is None else self.ctf[p0:p1] * self.inv_var  # (n, C) or (1, C)
+        ctf_power = 0.5 * self.inv_var[None, :] if self.ctf is None else 0.5 * self.ctf[p0:p1] ** 2 * self.inv_var
+        x_norm = (x.real**2 + x.imag**2) @ (0.5 * self.inv_var)  # (n,)
+        return x * weight, xp.broadcast_to(ctf_power, x.shape), x_norm
+
+
+class _Problem(_Particles):
+    """Validated inputs in one array module, with the template side precomputed once."""
+
+    def __init__(
+        self,
+        particles: Array,
+        templates: Array,
+        ctf: Array | None,
+        noise_var: Array | None,
+        shift_ramps: Array | None,
+        temperature: float,
+        log_prior: Array | None,
+        shift_log_prior: Array | None,
+    ) -> None:
+        super().__init__(particles, ctf, noise_var, shift_ramps)
+        xp = self.xp
+        prepared = templates if isinstance(templates, PreparedTemplates) else prepare_templates(xp.asarray(templates))
+        # [Re T, Im T interleaved | |T|²]: one matrix serves both GEMMs (and the fused one without shifts).
+        self.template_rows = xp.asarray(prepared.rows)  # (M, 3C) float32
+        if prepared.n_coefficients != self.n_coeffs:
+            raise InvalidArgumentError(
+                "templates", f"have {prepared.n_coefficients} coefficients, particles {self.n_coeffs}"
+            )
+        if prepared.n_templates == 0:
+            raise InvalidArgumentError("particles", "particles, templates and coefficients must all be non-empty")
         if not (math.isfinite(temperature) and temperature > 0):
             raise InvalidArgumentError("temperature", f"must be positive, got {temperature}")
         self.temperature = float(temperature)
-        self.n_particles, self.n_coeffs = n_particles, n_coeffs
         self.n_templates = prepared.n_templates
-        self.n_shifts = 1 if self.ramps is None else self.ramps.shape[0]
         self.log_prior = _as_vector(xp, log_prior, self.n_templates, "log_prior")  # (M,) or None
         self.shift_log_prior = _as_vector(xp, shift_log_prior, self.n_shifts, "shift_log_prior")  # (S,) or None
 
@@ -547,15 +570,6 @@ class _Problem:
         t_blocks = [slice(t0, min(t0 + m_chunk, self.n_templates)) for t0 in range(0, self.n_templates, m_chunk)]
         for p0 in range(0, self.n_particles, n_chunk):
             yield slice(p0, min(p0 + n_chunk, self.n_particles)), t_blocks
-
-    def particle_terms(self, p0: int, p1: int) -> tuple[Array, Array, Array]:
-        """Particles ``p0:p1`` as ``X·CTF/σ²`` (n, C) complex64, ``CTF²/2σ²`` (n, C) and ``Σ|X|²/2σ²`` (n,)."""
-        xp = self.xp
-        x = self.particles[p0:p1]  # (n, C)
-        weight = self.inv_var[None, :] if self.ctf is None else self.ctf[p0:p1] * self.inv_var  # (n, C) or (1, C)
-        ctf_power = 0.5 * self.inv_var[None, :] if self.ctf is None else 0.5 * self.ctf[p0:p1] ** 2 * self.inv_var
-        x_norm = (x.real**2 + x.imag**2) @ (0.5 * self.inv_var)  # (n,)
-        return x * weight, xp.broadcast_to(ctf_power, x.shape), x_norm
 
     def particle_side(self, p0: int, p1: int) -> _ParticleSide:
         """The particle-side GEMM operands of particles ``p0:p1``."""

@@ -119,6 +119,9 @@ MIN_FRC_PARTICLES = 10
 # Particles scored per pass chunk and inserted per chunk (memory bound).
 PASS_BATCH = 1000
 _INSERT_CHUNK = 512
+# (Particle, class) pairs per local-search call, and the working memory of its blocks.
+_LOCAL_PAIRS = 2048
+_LOCAL_BYTES = 64 * 2**20
 
 # Purposes of the seeded random streams.
 _STREAM_BATCH, _STREAM_NOISE, _STREAM_INIT, _STREAM_HALVES = 1, 2, 3, 4
@@ -849,11 +852,17 @@ class Classifier2D:
         window = plan.angle_window  # (W,)
         n_window, n_local = window.size, plan.local_shifts_px.shape[0]
         angle_index = (coarse_angle[:, None] * plan.angle_oversampling + window[None, :]) % r2  # (pairs, W)
-        # Each pair's particle, moved back by its coarse shift, against its class's W angles around the coarse one.
-        local_ll = local_log_likelihoods(
-            x[rows] * coarse_ramps[coarse_shift], fine.reshape(-1, fine.shape[-1]), classes[:, None] * r2 + angle_index,
-            ctf=None if ctf is None else ctf[rows], noise_var=noise_var, shift_ramps=local_ramps,
-        )  # (pairs, S2, W)
+        table = fine.reshape(-1, fine.shape[-1])  # (K·R2, C2): class k's angle j at row k·R2 + j
+        local_ll = np.empty((n_pairs, n_local, n_window), dtype=np.float32)
+        for start in range(0, n_pairs, _LOCAL_PAIRS):
+            chunk = slice(start, start + _LOCAL_PAIRS)
+            # Each pair's particle, moved back by its coarse shift, against its class's W angles around the coarse one.
+            pair_rows = rows[chunk]
+            local_ll[chunk] = local_log_likelihoods(
+                x[pair_rows] * coarse_ramps[coarse_shift[chunk]], table, classes[chunk, None] * r2 + angle_index[chunk],
+                ctf=None if ctf is None else ctf[pair_rows], noise_var=noise_var, shift_ramps=local_ramps,
+                max_bytes=_LOCAL_BYTES,
+            )  # (P, S2, W)
         flat_scores = local_ll.reshape(n_pairs, -1).astype(np.float64)  # (pairs, S2·W)
         pairs = np.arange(n_pairs)
         best = np.argmax(flat_scores, axis=1)
