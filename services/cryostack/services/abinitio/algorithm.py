@@ -35,10 +35,12 @@ the posteriors sharpen, an annealing that needs no schedule.
 
 Pose search. Coarse to fine per class, as in RELION's adaptive sampling: the whole SO(3) grid (level 1 or 2,
 30° or 15°, chosen from the resolution) with a shift lattice of twice the fine step, on the coefficients inside
-twice the resolution (at least :data:`_COARSE_MIN_SHELLS` shells); then, on every coefficient, the union of the
-particles' best coarse rotations (or, in the final pass, their children on the next grid) against a local shift
-lattice around each particle's best coarse shift. Posteriors are kept where they exceed
-:data:`_POSTERIOR_FLOOR` and back-projected aggregated per rotation.
+twice the resolution (at least :data:`_COARSE_MIN_SHELLS` shells); then, on every coefficient, each particle
+against its own :data:`_COARSE_KEEP` best coarse rotations (in the final pass, the children on the next grid of its
+:data:`_REFINE_PARENTS` best) and a local shift lattice around its best coarse shift
+(:func:`cryostack.core.scoring.local_log_likelihoods`), so that a particle's posteriors never depend on the other
+particles of its batch. Posteriors are kept where they exceed :data:`_POSTERIOR_FLOOR` and back-projected
+aggregated per rotation.
 
 Initial volumes. Class ``k`` starts from the reconstruction of its own random subset of particles at uniformly
 random poses (a seeded draw): a blob of the right size and grey scale with a little random structure.
@@ -74,7 +76,13 @@ from cryostack.core.geometry import matrix_to_euler, uniform_random_rotations
 from cryostack.core.poses import shift_step_px, so3_children, so3_grid_matrices, so3_level_for_step
 from cryostack.core.projection import FourierAccumulator, Projector
 from cryostack.core.reconstruction import reconstruct_from_sums
-from cryostack.core.scoring import iter_log_likelihoods, iter_posteriors, log_likelihoods, shift_phase_ramps
+from cryostack.core.scoring import (
+    iter_log_likelihoods,
+    iter_posteriors,
+    local_log_likelihoods,
+    log_likelihoods,
+    shift_phase_ramps,
+)
 from cryostack.errors import InvalidArgumentError
 
 # Streams of the job's seed, one per purpose, so that draws for one purpose never shift another's.
@@ -91,9 +99,12 @@ _MIN_SEARCH_LEVEL = 1
 _MAX_SEARCH_LEVEL = 2
 # The coarse stage of the search scores at half the resolution, but on at least this many shells.
 _COARSE_MIN_SHELLS = 6.0
-# Best coarse rotations per particle carried to the fine stage, and parents refined on the finer grid.
-_COARSE_KEEP = 16
-_REFINE_PARENTS = 4
+# Best coarse rotations per particle carried to the fine stage, and parents refined on the finer grid (8 children
+# each). The coarse stage scores at half the resolution, where the true pose of a clean projection at 20 Å ranks
+# beyond the 16th for a fifth of the particles: these counts recover it as often as scoring every particle of a
+# batch against all of the batch's candidates did.
+_COARSE_KEEP = 128
+_REFINE_PARENTS = 32
 # Working memory of one scoring block (the kernel splits particles × templates to stay within it).
 _SCORING_BLOCK_BYTES = 64 * 2**20
 # Posteriors (normalised per particle and class) below this are neither back-projected nor kept.
@@ -654,16 +665,21 @@ class AbinitioRun:
             templates = projector.project(grid, coefficients=self.flat_working[:coarse_count])
             best_shift, top = self._coarse(rows, coarse_count, templates, coarse_shifts)
             centre = coarse_shifts[best_shift]  # (n, 2)
+            # Each particle's own rotations: its best coarse ones, or in the final pass their children on the
+            # next grid. They are projected once for the batch (their union) and each particle is scored
+            # against its own only, so its posteriors do not depend on which particles share its batch.
             if refine:
-                parents = np.unique(top[:, :_REFINE_PARENTS])
-                rotations = so3_grid_matrices(level + 1, np.unique(so3_children(level, parents)))
+                own = so3_children(level, top[:, :_REFINE_PARENTS].ravel()).reshape(rows.size, -1)
             else:
-                rotations = grid[np.unique(top[:, :_COARSE_KEEP])]
+                own = top[:, :_COARSE_KEEP]
+            union, index = np.unique(own, return_inverse=True)
+            rotations = so3_grid_matrices(level + 1, union) if refine else grid[union]
             # The true shift lies within half a coarse step of the best coarse one along each axis; a disc of one
             # coarse step around it covers that square with a margin.
             local = _shift_lattice(fine_step, coarse_step * 1.01)
             templates = projector.project(rotations, coefficients=self.flat_working[:count])
-            out.append(self._posteriors(rows, count, rotations, templates, local, centre))
+            out.append(self._local_posteriors(rows, count, rotations, templates, index.reshape(own.shape), local,
+                                              centre))
         return out
 
     def _coarse(self, rows: np.ndarray, count: int, templates: np.ndarray, shifts_px: np.ndarray
@@ -746,6 +762,43 @@ class AbinitioRun:
             log_evidence=log_evidence,
             best_template=best_template,
             best_shift=best_shift,
+        )
+
+    def _local_posteriors(self, rows: np.ndarray, count: int, rotations: np.ndarray, templates: np.ndarray,
+                          own: np.ndarray, shifts_px: np.ndarray, centre_px: np.ndarray) -> _Posteriors:
+        """Marginalise each particle over its own templates ``own`` (n, m) × shifts around its centre.
+
+        A template listed twice for one particle (two parents can share a child) counts once.
+        """
+        n, m = own.shape
+        x, ctf = self._particle_terms(rows, count, centre_px)
+        noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
+        ramps = shift_phase_ramps(shifts_px, self.layout.box_px, self.flat_particle[:count])  # (S, C)
+        ll = local_log_likelihoods(x, templates, own, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
+                                   max_bytes=_SCORING_BLOCK_BYTES)  # (n, S, m)
+        order = np.argsort(own, axis=1)
+        repeated = np.zeros((n, m), dtype=bool)
+        np.put_along_axis(repeated, order[:, 1:], np.diff(np.take_along_axis(own, order, axis=1), axis=1) == 0,
+                          axis=1)
+        scores = np.where(repeated[:, None, :], -np.inf, ll.astype(np.float64)).reshape(n, -1)  # (n, S·m)
+        best = np.argmax(scores, axis=1)
+        relative = np.exp(scores - scores[np.arange(n), best][:, None])
+        total = relative.sum(axis=1)
+        weight = relative / total[:, None]
+        particle, pair = np.nonzero(weight >= _POSTERIOR_FLOOR)
+        shift, slot = np.divmod(pair, m)
+        return _Posteriors(
+            count=count,
+            rotations=rotations,
+            shifts_px=shifts_px,
+            centre_px=centre_px,
+            particle=particle.astype(np.int64),
+            template=own[particle, slot].astype(np.int64),
+            shift=shift.astype(np.int64),
+            weight=weight[particle, pair].astype(np.float32),
+            log_evidence=scores[np.arange(n), best] + np.log(total),
+            best_template=own[np.arange(n), best % m].astype(np.int64),
+            best_shift=(best // m).astype(np.int64),
         )
 
     def _back_project(self, rows: np.ndarray, search: list[_Posteriors], class_weights: np.ndarray
