@@ -11,8 +11,10 @@ from classify2d_data import PIXEL_SIZE_A, blob_image, make_set, two_references
 from cryostack.core.fourier import frequency_radius_px
 from cryostack.core.metrics import adjusted_rand_index
 from cryostack.errors import InvalidArgumentError
+from cryostack.services.classify2d import algorithm
 from cryostack.services.classify2d.algorithm import (
     ArrayParticles,
+    ClassificationResult,
     ClassificationState,
     Classifier2D,
     Classify2DParameters,
@@ -134,6 +136,86 @@ def test_starving_classes_are_reseeded_from_the_largest_only_when_asked() -> Non
                          data.ctf, seed=11).run()
     assert plain.reseeded == 0
     assert plain.counts.min() < 40
+
+
+def _three_references(box_px: int) -> np.ndarray:
+    """The two references of :func:`two_references` and a third shape: (3, D, D) float32."""
+    third = blob_image(box_px, [(-4.0, -4.0, 2.0, 1.0), (5.0, 3.0, 3.0, 0.9), (-2.0, 7.0, 1.5, 0.7)])
+    return np.concatenate([two_references(box_px), third[None]])
+
+
+def test_the_cap_gives_a_class_it_holds_back_an_underused_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Half the particles show one shape, too many for one class at the cap: it needs two classes of the four.
+    data = make_set(_three_references(32), 400, seed=6, snr=0.3, with_ctf=True,
+                    proportions=np.array([0.5, 0.25, 0.25]))
+    params = Classify2DParameters(class_count=4, max_particles_per_class_mean_multiple=1.5, max_resolution_a=8.0,
+                                  online_em_iterations=10, batch_size_per_class=100)
+    cap, underused = params.capacity(400), algorithm.REBALANCE_UNDERUSE * 400 / 4
+
+    def run() -> ClassificationResult:
+        return Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=0).run()
+
+    rebalanced = run()
+    monkeypatch.setattr(algorithm, "REBALANCE_UNDERUSE", 0.0)
+    left_alone = run()
+
+    assert rebalanced.reseeded >= 1 and left_alone.reseeded == 0
+    for result in (rebalanced, left_alone):
+        assert result.counts.max() <= cap
+    # Left alone, the big shape's overflow sits in a second class that stays underused; rebalanced, no class is.
+    assert left_alone.counts.min() < underused <= rebalanced.counts.min()
+    labels = rebalanced.assignment.labels
+    majority = [np.bincount(data.labels[labels == c], minlength=3).argmax() for c in range(4)]
+    assert sorted(majority) == [0, 0, 1, 2]
+    for c in range(4):
+        assert np.mean(data.labels[labels == c] == majority[c]) >= 0.95
+
+
+def test_rebalancing_splits_the_class_most_over_the_cap_into_the_least_occupied_one() -> None:
+    data = make_set(_three_references(32), 400, seed=6, snr=0.3, with_ctf=True)
+    params = Classify2DParameters(class_count=4, **{**FAST, "online_em_iterations": 8})
+    saved: dict[int, bytes] = {}
+    # States from an uncapped run (which never rebalances), handed to a capped classifier of the same set.
+    Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=2).run(
+        on_iteration=lambda state, report: saved.setdefault(state.iteration, state.to_bytes())
+    )
+    params = replace(params, max_particles_per_class_count=150)
+    classifier = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=2)
+    occupancy = np.array([120.0, 60.0, 130.0, 90.0])  # class 1 under 0.75 · N/K = 75, class 3 not
+    demand = np.array([100.0, 50.0, 70.0, 180.0])  # class 3 over the cap of 150
+
+    def rebalanced(iteration: int, occupancy: np.ndarray, demand: np.ndarray) -> ClassificationState:
+        state = ClassificationState.from_bytes(saved[iteration])
+        state.occupancy = occupancy.copy()
+        return classifier._rebalance(state, demand)
+
+    before = ClassificationState.from_bytes(saved[2])
+    assert before.sums_weight.any(axis=(0, 2, 3)).all()  # every class holds particles
+    after = rebalanced(2, occupancy, demand)
+    assert after.reseeded == before.reseeded + 1
+    np.testing.assert_array_equal(after.occupancy, [120.0, 45.0, 130.0, 45.0])
+    assert not after.sums_data[:, 1].any() and not after.sums_weight[:, 1].any()
+    np.testing.assert_array_equal(after.frc[1], before.frc[3])
+    for kept in (0, 2, 3):
+        np.testing.assert_array_equal(after.sums_data[:, kept], before.sums_data[:, kept])
+        np.testing.assert_array_equal(after.averages[kept], before.averages[kept])
+
+    def correlation(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    # The new class 1 is a noisier copy of class 3 (its first half-set), no longer the old class 1.
+    assert correlation(after.averages[1], before.averages[3]) >= 0.9
+    assert correlation(after.averages[1], before.averages[3]) > correlation(after.averages[1], before.averages[1])
+    # No split when no class is over the cap, when none is underused, or in the iterations that settle the classes.
+    for iteration, occupancy_k, demand_k in [
+        (2, occupancy, np.minimum(demand, 149.0)),
+        (2, np.maximum(occupancy, 76.0), demand),
+        (params.online_em_iterations - algorithm.REBALANCE_SETTLE_ITERATIONS, occupancy, demand),
+    ]:
+        unchanged = rebalanced(iteration, occupancy_k, demand_k)
+        state = ClassificationState.from_bytes(saved[iteration])
+        assert unchanged.reseeded == state.reseeded
+        np.testing.assert_array_equal(unchanged.averages, state.averages)
 
 
 @pytest.mark.parametrize(

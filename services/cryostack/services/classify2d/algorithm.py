@@ -37,7 +37,12 @@ the FRC of the two half-set averages, then multiplied by the soft circular mask 
 iteration, re-centred on their centre of mass (running sums shifted with them). When ``min_particles_per_class``
 is set (re-seeding is off by default, as in cryoSPARC), classes whose expected occupancy falls below it are
 re-seeded during online iterations by splitting the largest class: the starving class takes the largest class's
-half-set-1 average and starts its sums afresh.
+half-set-1 average and starts its sums afresh. With a cap, classes move to where the data asks for them the same
+way: each online iteration (but the last few) measures every class's demand, its expected occupancy without the
+cap, and when the class most over the cap faces an underused class (the least occupied, under 0.75 N/K), the
+underused class becomes a split of it. Without this the particles a full class turns away overflow into the classes
+of neighbouring views or states (on the floppy benchmark, present-domain particles into domain-absent classes),
+while a duplicate of some other class sits half empty.
 
 Noise and resolution. σ²(ν) starts from the background outside the particle mask
 (:func:`cryostack.core.noise.noise_power_from_background`) and is re-estimated from the residuals of each
@@ -111,6 +116,11 @@ INSERT_CLASSES = 4
 MIN_INSERT_WEIGHT = 1e-3
 # Poses per (particle, class) inserted in marginalised mode.
 MARGINAL_POSES = 3
+# With a cap, during the online iterations but the last REBALANCE_SETTLE_ITERATIONS, the class whose uncapped demand
+# most exceeds the cap is split into the least occupied class when that one holds under REBALANCE_UNDERUSE · N/K (one
+# split per iteration: splitting every such pair at once churns the classes, and purity drops).
+REBALANCE_UNDERUSE = 0.75
+REBALANCE_SETTLE_ITERATIONS = 4
 # Particles sampled for the initial noise spectrum, and per initial class.
 NOISE_SAMPLE = 1000
 INITIAL_SUBSET = 20
@@ -630,7 +640,11 @@ class Classifier2D:
         state = self._m_step(state, sums, eta, occupancy, alignment, plan, recenter=self.params.recenter_classes)
         state.particles_seen += size
         state.iteration = iteration + 1
-        return self._reseed(state)
+        state = self._reseed(state)
+        if self.capacity is not None:
+            demand = _softmax(alignment.class_ll / temperature).sum(axis=0) * (self.n_particles / size)
+            state = self._rebalance(state, demand)
+        return state
 
     def _full_iteration(
         self, state: ClassificationState, iteration: int, *, final: bool, cancel: Callable[[], None] | None
@@ -1035,6 +1049,33 @@ class Classifier2D:
         moved = phase_shift_2d(data, np.broadcast_to(shifts, (2,) + shifts.shape))
         return recentred * self.mask, moved
 
+    def _rebalance(self, state: ClassificationState, demand: np.ndarray) -> ClassificationState:
+        """Split the class most over the cap into the least occupied class, when that one is underused.
+
+        ``demand`` (K,) is each class's expected occupancy without the cap, scaled to the whole set.
+        """
+        assert self.capacity is not None
+        if state.iteration >= self.params.online_em_iterations - REBALANCE_SETTLE_ITERATIONS:
+            return state
+        source, target = int(np.argmax(demand)), int(np.argmin(state.occupancy))
+        underused = state.occupancy[target] < REBALANCE_UNDERUSE * self.n_particles / self.n_classes
+        if demand[source] >= self.capacity and underused and source != target:
+            self._split(state, source, target)
+        return state
+
+    def _split(self, state: ClassificationState, source: int, target: int) -> None:
+        """Class ``target`` restarts from the half-set-1 average of class ``source``; they share its occupancy."""
+        half = reconstruct_from_sums(
+            state.sums_data[0, source], state.sums_weight[0, source], self.box_px, 2,
+            fsc=state.frc[source], tau2_fudge=DEFAULT_TAU2_FUDGE_2D,
+        )
+        state.averages[target] = half * self.mask
+        state.sums_data[:, target] = 0
+        state.sums_weight[:, target] = 0
+        state.occupancy[[target, source]] = state.occupancy[source] / 2
+        state.frc[target] = state.frc[source]
+        state.reseeded += 1
+
     def _reseed(self, state: ClassificationState) -> ClassificationState:
         """Split the largest class into each class whose expected occupancy is below the threshold."""
         threshold = self.params.reseed_threshold()
@@ -1044,16 +1085,7 @@ class Classifier2D:
             largest = int(np.argmax(state.occupancy))
             if largest == starving or state.occupancy[largest] < 2 * threshold:
                 continue
-            half = reconstruct_from_sums(
-                state.sums_data[0, largest], state.sums_weight[0, largest], self.box_px, 2,
-                fsc=state.frc[largest], tau2_fudge=DEFAULT_TAU2_FUDGE_2D,
-            )
-            state.averages[starving] = half * self.mask
-            state.sums_data[:, starving] = 0
-            state.sums_weight[:, starving] = 0
-            state.occupancy[[starving, largest]] = state.occupancy[largest] / 2
-            state.frc[starving] = state.frc[largest]
-            state.reseeded += 1
+            self._split(state, largest, starving)
         return state
 
     # ---------------------------------------------------------------------------------------- result
