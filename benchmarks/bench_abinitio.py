@@ -20,6 +20,7 @@ read back in batches, as a job streams them from the store):
   (``CLSyncVoting``) of the ``--aspire-classes``
   selected averages, mean estimation (``MeanEstimator``) from them; time and the same FSC metrics.
 
+Runs use the process's backend (``CRYOSTACK_BACKEND``; the GPU when CuPy finds one), named in each record.
 Every cryostack record has: wall time (reading + iterations + final pass, and each part), peak RSS, iterations
 and minibatch schedule, the final half-set resolutions, and the parameters.
 
@@ -95,6 +96,7 @@ def map_metrics(volume: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
 
 def run_cryostack(spec: dict[str, Any]) -> dict[str, Any]:
     """One ab-initio run in this process: timings, memory and quality against the truth."""
+    from cryostack.core.backend import default_xp, describe_backend  # noqa: PLC0415
     from cryostack.core.metrics import adjusted_rand_index  # noqa: PLC0415
     from cryostack.services.abinitio.algorithm import (  # noqa: PLC0415
         AbinitioParameters,
@@ -110,7 +112,7 @@ def run_cryostack(spec: dict[str, Any]) -> dict[str, Any]:
                                 final_iterations=spec["final_iterations"])
     start = time.perf_counter()
     layout = SpectralLayout.for_resolution(BOX_PX, PIXEL_SIZE_A, params.max_resolution_a)
-    spectra = collect_spectra(StackFile(path).iter_batches(), n_particles, ctf_of(simulator), layout)
+    spectra = collect_spectra(StackFile(path).iter_batches(), n_particles, ctf_of(simulator), layout, default_xp())
     read_s = time.perf_counter() - start
     run = AbinitioRun(spectra, params, spec["seed"])
     trace = []
@@ -126,6 +128,7 @@ def run_cryostack(spec: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - start
     record: dict[str, Any] = {
         **spec,
+        **describe_backend(),
         "wall_s": wall, "read_s": read_s, "iterations_s": iterations_s, "final_pass_s": wall - read_s - iterations_s,
         "peak_rss_mb": peak_rss_mb(), "working_box_px": layout.working_box_px,
         "coefficients_per_particle": layout.n_coefficients, "class_sizes": result.class_sizes.tolist(),
@@ -151,6 +154,7 @@ def run_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
     """K = 1, 3 and 6 jobs at once, each on its own thread with its own copy of the particles."""
     import threading  # noqa: PLC0415
 
+    from cryostack.core.backend import default_xp  # noqa: PLC0415
     from cryostack.core.metrics import adjusted_rand_index  # noqa: PLC0415
     from cryostack.services.abinitio.algorithm import (  # noqa: PLC0415
         AbinitioParameters,
@@ -172,7 +176,8 @@ def run_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
             params = AbinitioParameters(class_count=k, initial_iterations=spec["initial_iterations"],
                                         final_iterations=spec["final_iterations"])
             layout = SpectralLayout.for_resolution(BOX_PX, PIXEL_SIZE_A, params.max_resolution_a)
-            spectra = collect_spectra(StackFile(path).iter_batches(), n_particles, ctf_of(simulator), layout)
+            spectra = collect_spectra(StackFile(path).iter_batches(), n_particles, ctf_of(simulator), layout,
+                                      default_xp())
             run = AbinitioRun(spectra, params, spec["seed"])
             while not run.done:
                 run.step()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cryostack.core.backend import cupy_available, to_host
 from cryostack.core.fsc import fsc_curve
 from cryostack.core.metrics import adjusted_rand_index, compare_to_reference, rotation_error, transform_map
 from cryostack.errors import InvalidArgumentError
@@ -15,6 +16,7 @@ from cryostack.services.abinitio.algorithm import (
     AbinitioState,
     SpectralLayout,
     _constrain,
+    collect_spectra,
     _real_space_masks,
 )
 
@@ -129,6 +131,43 @@ def test_a_particles_final_posteriors_and_pose_do_not_depend_on_its_batch() -> N
     np.testing.assert_allclose(split.rotations, whole.rotations, atol=1e-12)
     np.testing.assert_array_equal(split.shift_px, whole.shift_px)
     np.testing.assert_allclose(split.volumes, whole.volumes, atol=1e-4 * float(np.abs(whole.volumes).max()))
+
+
+@pytest.mark.gpu
+def test_a_run_on_the_gpu_matches_the_same_run_on_the_cpu() -> None:
+    if not cupy_available():
+        pytest.skip("CuPy with a CUDA device is not available")
+    import cupy  # noqa: PLC0415
+
+    data = simulate(TWO_STATES, 300, snr=0.5, seed=3)
+    params = AbinitioParameters(class_count=2, max_resolution_a=20.0, initial_iterations=8, final_iterations=4,
+                                minibatch_size_initial=60, minibatch_size_final=100)
+    layout = SpectralLayout.for_resolution(32, data.pixel_size_a, params.max_resolution_a)
+    rows = np.arange(300)
+    host_spectra = collect_spectra([(rows, data.images)], 300, data.ctf, layout)
+    device_spectra = collect_spectra([(rows, data.images)], 300, data.ctf, layout, cupy)
+    assert isinstance(device_spectra.coefficients, cupy.ndarray)
+    np.testing.assert_allclose(to_host(device_spectra.coefficients), host_spectra.coefficients, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(device_spectra.power, host_spectra.power, rtol=1e-5)
+
+    host_run, device_run = AbinitioRun(host_spectra, params, seed=4), AbinitioRun(device_spectra, params, seed=4)
+    while not host_run.done:
+        host_report, device_report = host_run.step(), device_run.step()
+        np.testing.assert_allclose(device_report.class_fractions, host_report.class_fractions, atol=0.02)
+    host, device = host_run.finish(), device_run.finish()
+
+    # The same minibatches and searches in float32 arithmetic of another order: the same answer within rounding
+    # (a pose that nearly ties may flip, so the comparison is of maps and assignments, not bits).
+    assert isinstance(device.volumes, np.ndarray) and isinstance(device.class_posteriors, np.ndarray)
+    for k in range(2):
+        assert np.corrcoef(device.volumes[k].ravel(), host.volumes[k].ravel())[0, 1] >= 0.999
+    assert np.mean(device.best_class == host.best_class) >= 0.98
+    assert rotation_error(device.rotations, host.rotations).median_deg <= 1.0
+    # A checkpoint of the device run is host data that resumes on either backend.
+    state = AbinitioState.from_bytes(device_run.state.to_bytes())
+    assert isinstance(state.data, np.ndarray)
+    resumed = AbinitioRun(device_spectra, params, seed=4, state=state)
+    assert isinstance(resumed.state.data, cupy.ndarray)
 
 
 @pytest.mark.parametrize(("box_px", "max_resolution_a"), [(31, 24.0), (31, 12.4), (32, 12.0)])

@@ -57,6 +57,11 @@ same in both boxes; output volumes are Fourier-padded back to the particles' box
 
 Randomness. Every draw comes from a generator seeded by ``(seed, purpose, iteration)``, so a run resumed from a
 checkpoint of its state continues exactly as the uninterrupted run.
+
+Backends. A run computes where its particles' coefficients live (:func:`collect_spectra` puts them in numpy or
+cupy): the coefficients, the running sums, the volumes, the scoring, projection and back-projection stay on that
+device; the bookkeeping that decides what to score (minibatches, candidate rotations, shift lattices, class
+posteriors, the noise spectrum) is small and stays on the host. Checkpoints and results are host arrays.
 """
 
 from __future__ import annotations
@@ -64,11 +69,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import scipy.sparse
 
+from cryostack.core.backend import array_module, to_host
 from cryostack.core.ctf import CtfParameters
 from cryostack.core.fourier import centered_coefficients_2d, fft3_centered, ifft3_centered, resolution_to_shell
 from cryostack.core.fsc import fsc_curve, resolution_at_threshold
@@ -281,10 +289,14 @@ class SpectralLayout:
 
 @dataclass
 class ParticleSpectra:
-    """Every particle's kept Fourier coefficients and CTF parameters, in memory for random minibatch access."""
+    """Every particle's kept Fourier coefficients and CTF parameters, in memory for random minibatch access.
+
+    The coefficients live on the device a run computes on (numpy: host memory, cupy: the GPU); a run takes its
+    array module from them.
+    """
 
     layout: SpectralLayout
-    coefficients: np.ndarray  # (N, C) complex64, centred transforms at the layout's coefficients
+    coefficients: Any  # (N, C) complex64 (numpy or cupy), centred transforms at the layout's coefficients
     ctf: CtfParameters
     power: np.ndarray  # (n_shells,) float64 mean |X|² per coefficient and shell (signal plus noise)
 
@@ -299,20 +311,24 @@ def collect_spectra(
     n_particles: int,
     ctf: CtfParameters,
     layout: SpectralLayout,
+    xp: ModuleType = np,
 ) -> ParticleSpectra:
-    """Transform image batches ``(rows (B,), images (B, D, D))`` once and keep the layout's coefficients."""
+    """Transform image batches ``(rows (B,), images (B, D, D))`` once and keep the layout's coefficients.
+
+    The coefficients are kept in array module ``xp`` (numpy, or cupy to run on the GPU); images may be host arrays.
+    """
     flat = layout.flat_indices(layout.box_px)
-    coefficients = np.zeros((n_particles, layout.n_coefficients), dtype=np.complex64)
-    power_sum = np.zeros(layout.n_coefficients)  # (C,) Σ |X|² over particles, summed batch by batch
+    coefficients = xp.zeros((n_particles, layout.n_coefficients), dtype=np.complex64)
+    power_sum = xp.zeros(layout.n_coefficients)  # (C,) float64 Σ |X|² over particles, summed batch by batch
     seen = np.zeros(n_particles, dtype=bool)
     for rows, images in batches:
-        kept = centered_coefficients_2d(images, flat)  # (B, C) complex64
-        coefficients[rows] = kept
+        kept = centered_coefficients_2d(xp.asarray(images), flat)  # (B, C) complex64
+        coefficients[xp.asarray(rows)] = kept
         power_sum += (kept.real**2 + kept.imag**2).sum(axis=0, dtype=np.float64)
         seen[rows] = True
     if not seen.all():
         raise InvalidArgumentError("particles", f"{int((~seen).sum())} of {n_particles} particles were never read")
-    mean_power = power_sum / n_particles  # (C,)
+    mean_power = to_host(power_sum) / n_particles  # (C,)
     counts = layout.shell_count(layout.n_coefficients)
     power = _fill_empty_shells(np.where(counts > 0, layout.shell_sum(mean_power) / np.maximum(counts, 1), 0.0))
     return ParticleSpectra(layout=layout, coefficients=coefficients, ctf=ctf, power=power)
@@ -323,8 +339,8 @@ class AbinitioState:
     """Everything a run carries from one iteration to the next (what a checkpoint stores)."""
 
     iteration: int  # iterations completed
-    data: np.ndarray  # (K, 2, P, P, P) complex64 running Σ w·CTF·X/σ² per class and half-set, per particle
-    weight: np.ndarray  # (K, 2, P, P, P) float32 running Σ w·CTF²/σ², per particle
+    data: Any  # (K, 2, P, P, P) complex64 running Σ w·CTF·X/σ² per class and half-set, per particle (run's device)
+    weight: Any  # (K, 2, P, P, P) float32 running Σ w·CTF²/σ², per particle (run's device)
     noise_sum: np.ndarray  # (n_shells,) float64 running Σ residual power (per coefficient) over images
     noise_weight: np.ndarray  # (n_shells,) float64 running image count behind ``noise_sum``
     class_mass: np.ndarray  # (K,) float64 running class occupancy
@@ -345,13 +361,13 @@ class AbinitioState:
     def to_bytes(self) -> bytes:
         """Serialise as ``.npz`` (no pickle)."""
         buffer = io.BytesIO()
-        np.savez(buffer, iteration=np.int64(self.iteration), data=self.data, weight=self.weight,
+        np.savez(buffer, iteration=np.int64(self.iteration), data=to_host(self.data), weight=to_host(self.weight),
                  noise_sum=self.noise_sum, noise_weight=self.noise_weight, class_mass=self.class_mass, fsc=self.fsc)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> AbinitioState:
-        """Read back what :meth:`to_bytes` wrote."""
+        """Read back what :meth:`to_bytes` wrote (in host memory; a run moves it to its device)."""
         with np.load(io.BytesIO(payload), allow_pickle=False) as z:
             return cls(iteration=int(z["iteration"]), data=z["data"], weight=z["weight"], noise_sum=z["noise_sum"],
                        noise_weight=z["noise_weight"], class_mass=z["class_mass"], fsc=z["fsc"])
@@ -410,16 +426,19 @@ class AbinitioResult:
 
 @dataclass(frozen=True)
 class _Posteriors:
-    """The significant poses of a batch of particles in one class, as sparse entries."""
+    """The significant poses of a batch of particles in one class, as sparse entries.
+
+    The entries (``particle`` … ``weight``) stay on the run's device; the per-particle summaries are host arrays.
+    """
 
     count: int  # coefficients scored (the resolution limit)
     rotations: np.ndarray  # (M, 3, 3) the rotations ``template`` refers to
     shifts_px: np.ndarray  # (S, 2) the shift lattice ``shift`` refers to, relative to each particle's centre
     centre_px: np.ndarray  # (n, 2) per-particle shift the lattice is centred on
-    particle: np.ndarray  # (E,) int64 entry's particle (row in the batch)
-    template: np.ndarray  # (E,) int64
-    shift: np.ndarray  # (E,) int64
-    weight: np.ndarray  # (E,) float32 posterior within the class (each particle's entries sum to about 1)
+    particle: Any  # (E,) int64 entry's particle (row in the batch)
+    template: Any  # (E,) int64
+    shift: Any  # (E,) int64
+    weight: Any  # (E,) float32 posterior within the class (each particle's entries sum to about 1)
     log_evidence: np.ndarray  # (n,) float64 log Σ_{A,s} exp(LL / T) over the scored poses
     best_template: np.ndarray  # (n,) int64
     best_shift: np.ndarray  # (n,) int64
@@ -432,6 +451,7 @@ class AbinitioRun:
                  state: AbinitioState | None = None) -> None:
         """Start a run (fresh random initial volumes) or continue one from ``state`` (a checkpoint)."""
         params.check(spectra.n_particles, spectra.layout.pixel_size_a)
+        self.xp = array_module(spectra.coefficients)
         self.spectra = spectra
         self.params = params
         self.seed = int(seed)
@@ -440,11 +460,11 @@ class AbinitioRun:
         self.padded_box = 2 * self.working_box
         self.flat_working = self.layout.flat_indices(self.working_box)  # (C,) into the D_w grid
         self.flat_particle = self.layout.flat_indices(self.layout.box_px)  # (C,) into the D grid
-        self.fy, self.fx = self.layout.frequencies_inv_a()
+        self.fy, self.fx = (self.xp.asarray(f) for f in self.layout.frequencies_inv_a())  # (C,) on the device
         self.max_shift_px = 0.1 * self.layout.box_px if params.max_shift_px is None else params.max_shift_px
         halves = np.random.default_rng(self._seed_sequence(_STREAM_HALVES, 0))
         self.half_set = halves.integers(0, 2, spectra.n_particles)  # (N,) 0 or 1
-        self._window, self._solvent = _real_space_masks(self.working_box)
+        self._window, self._solvent = _real_space_masks(self.working_box, self.xp)
         visits = sum(self.minibatch_size_at(i) for i in range(params.total_iterations))
         self.noise_memory = min(_NOISE_MEMORY_IMAGES, _NOISE_MEMORY_FRACTION * visits)
         if state is None:
@@ -452,7 +472,7 @@ class AbinitioRun:
             self._volumes = self._current_volumes(refresh_fsc=True)
             self._calibrate_noise()
         else:
-            self.state = state
+            self.state = replace(state, data=self.xp.asarray(state.data), weight=self.xp.asarray(state.weight))
             self._volumes = self._current_volumes(refresh_fsc=False)
 
     # ----------------------------------------------------------------------------------------------- schedules
@@ -502,13 +522,13 @@ class AbinitioRun:
 
     def _initial_state(self) -> AbinitioState:
         """Random initial volumes: each class from its own random subset at uniformly random poses."""
-        k_count, p = self.params.class_count, self.padded_box
+        xp, k_count, p = self.xp, self.params.class_count, self.padded_box
         n_shells = self.layout.n_shells
         power = self.spectra.power[:n_shells].astype(np.float64)
         state = AbinitioState(
             iteration=0,
-            data=np.zeros((k_count, 2, p, p, p), dtype=np.complex64),
-            weight=np.zeros((k_count, 2, p, p, p), dtype=np.float32),
+            data=xp.zeros((k_count, 2, p, p, p), dtype=np.complex64),
+            weight=xp.zeros((k_count, 2, p, p, p), dtype=np.float32),
             noise_sum=self.noise_memory * power,
             noise_weight=np.full(n_shells, self.noise_memory),
             class_mass=np.full(k_count, 1.0 / k_count),
@@ -517,17 +537,17 @@ class AbinitioRun:
         rng = np.random.default_rng(self._seed_sequence(_STREAM_INIT, 0))
         count = self.layout.count_within(self.params.initial_resolution_a)
         size = min(self.spectra.n_particles, max(self.params.minibatch_size_initial, 2))
-        inv_var = (1.0 / power[self.layout.shell[:count]]).astype(np.float32)
+        inv_var = xp.asarray((1.0 / power[self.layout.shell[:count]]).astype(np.float32))
         for k in range(k_count):
             rows = np.sort(rng.choice(self.spectra.n_particles, size=size, replace=False))
             rotations = uniform_random_rotations(size, rng)  # (n, 3, 3)
-            x = self.spectra.coefficients[rows, :count]
-            ctf = self.spectra.ctf.take(rows).at(self.fy[:count], self.fx[:count])  # (n, C)
+            x, ctf = self._particle_terms(rows, count, None)  # (n, C), (n, C)
             for half in (0, 1):
                 take = self.half_set[rows] == half
-                accumulator = FourierAccumulator(self.working_box)
-                accumulator.insert((x * ctf * inv_var)[take], rotations[take], (ctf * ctf * inv_var)[take],
-                                   coefficients=self.flat_working[:count])
+                on_device = xp.asarray(take)
+                accumulator = FourierAccumulator(self.working_box, xp=xp)
+                accumulator.insert((x * ctf * inv_var)[on_device], rotations[take],
+                                   (ctf * ctf * inv_var)[on_device], coefficients=self.flat_working[:count])
                 data, weight = accumulator.padded_sums()
                 state.data[k, half] = data / size
                 state.weight[k, half] = weight / size
@@ -545,11 +565,11 @@ class AbinitioRun:
         shifts = _shift_lattice(shift_step_px(resolution, self.layout.pixel_size_a), self.max_shift_px)
         rotations = so3_grid_matrices(self.so3_level_at(resolution))
         templates = Projector(self._volumes[0]).project(rotations, coefficients=self.flat_working[:count])
-        x, ctf = self._particle_terms(rows, count, np.zeros((rows.size, 2), dtype=np.float32))
+        x, ctf = self._particle_terms(rows, count, None)
         noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        ramps = shift_phase_ramps(shifts, self.layout.box_px, self.flat_particle[:count])
+        ramps = self._shift_ramps(shifts, count)
         # One block of log-likelihoods (n, S, M); a temperature T scales every σ² by T.
-        ll = np.asarray(log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps))
+        ll = to_host(log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps))
         ll = ll.reshape(rows.size, -1).astype(np.float64)
         ll -= ll.max(axis=1, keepdims=True)
         target = _TARGET_ESS_FRACTION * ll.shape[1]
@@ -575,7 +595,7 @@ class AbinitioRun:
         The half-set FSC that sets the Wiener filter changes slowly; it is re-measured when ``refresh_fsc``.
         """
         k_count = self.params.class_count
-        volumes = np.empty((k_count,) + (self.working_box,) * 3, dtype=np.float32)
+        volumes = self.xp.empty((k_count,) + (self.working_box,) * 3, dtype=np.float32)
         for k in range(k_count):
             if refresh_fsc:
                 self.state.fsc[k] = self._half_set_fsc(self.state.data[k], self.state.weight[k])
@@ -583,12 +603,12 @@ class AbinitioRun:
             volumes[k] = _constrain(merged, self._window, self._solvent)
         return volumes
 
-    def _half_set_fsc(self, data: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    def _half_set_fsc(self, data: Any, weight: Any) -> np.ndarray:
         """FSC (n_shells,) of the plainly regularised half-set maps of sums (2, P, P, P)."""
         halves = [reconstruct_from_sums(data[h], weight[h], self.working_box, 3) for h in (0, 1)]
-        return np.asarray(fsc_curve(halves[0], halves[1]), dtype=np.float64)
+        return to_host(fsc_curve(halves[0], halves[1])).astype(np.float64)
 
-    def _wiener(self, data: np.ndarray, weight: np.ndarray, fsc: np.ndarray) -> np.ndarray:
+    def _wiener(self, data: Any, weight: Any, fsc: np.ndarray) -> Any:
         """Wiener map (D_w³) of both half-sets' sums (2, P, P, P), filtered with the full-data FSC of ``fsc``."""
         clipped = np.clip(fsc, 0.0, 1.0)
         return reconstruct_from_sums(data.sum(axis=0), weight.sum(axis=0), self.working_box, 3,
@@ -693,67 +713,72 @@ class AbinitioRun:
         Templates are ranked by their best log-likelihood over the shifts: a ranking needs no normalisation,
         so no exponential is taken.
         """
-        n = rows.size
-        x, ctf = self._particle_terms(rows, count, np.zeros((n, 2), dtype=np.float32))
+        xp, n = self.xp, rows.size
+        x, ctf = self._particle_terms(rows, count, None)
         noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        ramps = shift_phase_ramps(shifts_px, self.layout.box_px, self.flat_particle[:count])  # (S, C)
-        peak = np.empty((n, templates.shape[0]), dtype=np.float32)  # (n, M) best LL over shifts
-        best_value = np.full(n, -np.inf, dtype=np.float32)
-        best_shift = np.zeros(n, dtype=np.int64)
+        ramps = self._shift_ramps(shifts_px, count)  # (S, C)
+        peak = xp.empty((n, templates.shape[0]), dtype=np.float32)  # (n, M) best LL over shifts
+        best_value = xp.full(n, -np.inf, dtype=np.float32)
+        best_shift = xp.zeros(n, dtype=np.int64)
         for block in iter_log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
                                           max_bytes=_SCORING_BLOCK_BYTES):
-            values = np.asarray(block.values)  # (b, S, m)
+            values = block.values  # (b, S, m)
             b, _, m = values.shape
             peak[block.particles, block.templates] = values.max(axis=1)
             flat = values.reshape(b, -1)
-            arg = np.argmax(flat, axis=1)  # (b,) over (shift, template)
-            value = flat[np.arange(b), arg]
+            arg = xp.argmax(flat, axis=1)  # (b,) over (shift, template)
+            value = flat[xp.arange(b), arg]
             better = value > best_value[block.particles]
-            rows_better = np.flatnonzero(better) + block.particles.start
+            rows_better = xp.flatnonzero(better) + block.particles.start
             best_value[rows_better] = value[better]
             best_shift[rows_better] = arg[better] // m
         keep = min(max(_COARSE_KEEP, _REFINE_PARENTS), templates.shape[0])
-        top = np.argpartition(-peak, keep - 1, axis=1)[:, :keep]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(peak, top, axis=1), axis=1), axis=1)
-        return best_shift, top
+        top = xp.argpartition(-peak, keep - 1, axis=1)[:, :keep]
+        top = xp.take_along_axis(top, xp.argsort(-xp.take_along_axis(peak, top, axis=1), axis=1), axis=1)
+        return to_host(best_shift), to_host(top)
 
-    def _particle_terms(self, rows: np.ndarray, count: int, centre_px: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray]:
-        """Coefficients moved back by each particle's centre shift (n, C) complex64, and their CTF (n, C)."""
-        ramps = shift_phase_ramps(centre_px, self.layout.box_px, self.flat_particle[:count])  # (n, C)
-        x = self.spectra.coefficients[rows, :count] * ramps
+    def _particle_terms(self, rows: np.ndarray, count: int, centre_px: np.ndarray | None) -> tuple[Any, Any]:
+        """On the device: coefficients moved back by each particle's centre shift (n, C) complex64 (``None``: not
+        moved), and their CTF (n, C) float32."""
+        x = self.spectra.coefficients[self.xp.asarray(rows), :count]
+        if centre_px is not None:
+            x = x * self._shift_ramps(centre_px, count)  # (n, C)
         return x, self.spectra.ctf.take(rows).at(self.fy[:count], self.fx[:count])
+
+    def _shift_ramps(self, shifts_px: np.ndarray, count: int) -> Any:
+        """Phase ramps (S, C) complex64 on the device of shifts (S, 2) px over the first ``count`` coefficients."""
+        return shift_phase_ramps(self.xp.asarray(shifts_px), self.layout.box_px, self.flat_particle[:count])
 
     def _posteriors(self, rows: np.ndarray, count: int, rotations: np.ndarray, templates: np.ndarray,
                     shifts_px: np.ndarray, centre_px: np.ndarray) -> _Posteriors:
         """Marginalise particles ``rows`` over templates × shifts (relative to their centres); keep the significant."""
-        n = rows.size
+        xp, n = self.xp, rows.size
         x, ctf = self._particle_terms(rows, count, centre_px)
         # Half-plane coefficients stand for two of the full plane: their variance term counts twice.
         noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        ramps = shift_phase_ramps(shifts_px, self.layout.box_px, self.flat_particle[:count])  # (S, C)
-        log_evidence = np.zeros(n)
-        best_value = np.full(n, -1.0)
-        best_template = np.zeros(n, dtype=np.int64)
-        best_shift = np.zeros(n, dtype=np.int64)
-        kept: list[tuple[np.ndarray, ...]] = []
+        ramps = self._shift_ramps(shifts_px, count)  # (S, C)
+        log_evidence = xp.zeros(n)
+        best_value = xp.full(n, -1.0)
+        best_template = xp.zeros(n, dtype=np.int64)
+        best_shift = xp.zeros(n, dtype=np.int64)
+        kept: list[tuple[Any, ...]] = []
         for block in iter_posteriors(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
                                      max_bytes=_SCORING_BLOCK_BYTES):
-            values = np.asarray(block.values)  # (b, S, m)
+            values = block.values  # (b, S, m)
             p0, t0 = block.particles.start, block.templates.start
             b, n_shifts, m = values.shape
-            log_evidence[block.particles] = np.asarray(block.log_evidence, dtype=np.float64)
+            log_evidence[block.particles] = block.log_evidence.astype(np.float64)
             flat = values.reshape(b, -1)
-            arg = np.argmax(flat, axis=1)
-            peak = flat[np.arange(b), arg]
+            arg = xp.argmax(flat, axis=1)
+            peak = flat[xp.arange(b), arg]
             better = peak > best_value[block.particles]
-            rows_better = np.flatnonzero(better) + p0
+            rows_better = xp.flatnonzero(better) + p0
             best_value[rows_better] = peak[better]
             best_shift[rows_better] = arg[better] // m
             best_template[rows_better] = arg[better] % m + t0
-            particle, shift, template = np.nonzero(values >= _POSTERIOR_FLOOR)
+            particle, shift, template = xp.nonzero(values >= _POSTERIOR_FLOOR)
             kept.append((particle + p0, template + t0, shift, values[particle, shift, template]))
-        particle, template, shift, weight = (np.concatenate(column) for column in zip(*kept, strict=True))
+        particle, template, shift, weight = (xp.concatenate(column) for column in zip(*kept, strict=True))
         return _Posteriors(
             count=count,
             rotations=rotations,
@@ -763,9 +788,9 @@ class AbinitioRun:
             template=template.astype(np.int64),
             shift=shift.astype(np.int64),
             weight=weight.astype(np.float32),
-            log_evidence=log_evidence,
-            best_template=best_template,
-            best_shift=best_shift,
+            log_evidence=to_host(log_evidence),
+            best_template=to_host(best_template),
+            best_shift=to_host(best_shift),
         )
 
     def _local_posteriors(self, rows: np.ndarray, count: int, rotations: np.ndarray, templates: np.ndarray,
@@ -774,50 +799,57 @@ class AbinitioRun:
 
         A template listed twice for one particle (two parents can share a child) counts once.
         """
-        n, m = own.shape
+        xp, (n, m) = self.xp, own.shape
         x, ctf = self._particle_terms(rows, count, centre_px)
         noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        ramps = shift_phase_ramps(shifts_px, self.layout.box_px, self.flat_particle[:count])  # (S, C)
+        ramps = self._shift_ramps(shifts_px, count)  # (S, C)
         ll = local_log_likelihoods(x, templates, own, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
                                    max_bytes=_SCORING_BLOCK_BYTES)  # (n, S, m)
         order = np.argsort(own, axis=1)
         repeated = np.zeros((n, m), dtype=bool)
         np.put_along_axis(repeated, order[:, 1:], np.diff(np.take_along_axis(own, order, axis=1), axis=1) == 0,
                           axis=1)
-        scores = np.where(repeated[:, None, :], -np.inf, ll.astype(np.float64)).reshape(n, -1)  # (n, S·m)
-        best = np.argmax(scores, axis=1)
-        relative = np.exp(scores - scores[np.arange(n), best][:, None])
+        scores = xp.where(xp.asarray(repeated)[:, None, :], -np.inf, ll.astype(np.float64)).reshape(n, -1)  # (n, S·m)
+        best = xp.argmax(scores, axis=1)
+        relative = xp.exp(scores - scores[xp.arange(n), best][:, None])
         total = relative.sum(axis=1)
         weight = relative / total[:, None]
-        particle, pair = np.nonzero(weight >= _POSTERIOR_FLOOR)
-        shift, slot = np.divmod(pair, m)
+        particle, pair = xp.nonzero(weight >= _POSTERIOR_FLOOR)
+        shift, slot = xp.divmod(pair, m)
+        own_device = xp.asarray(own)
+        best = to_host(best)
         return _Posteriors(
             count=count,
             rotations=rotations,
             shifts_px=shifts_px,
             centre_px=centre_px,
             particle=particle.astype(np.int64),
-            template=own[particle, slot].astype(np.int64),
+            template=own_device[particle, slot].astype(np.int64),
             shift=shift.astype(np.int64),
             weight=weight[particle, pair].astype(np.float32),
-            log_evidence=scores[np.arange(n), best] + np.log(total),
+            log_evidence=to_host(scores[xp.arange(n), xp.asarray(best)] + xp.log(total)),
             best_template=own[np.arange(n), best % m].astype(np.int64),
             best_shift=(best // m).astype(np.int64),
         )
 
     def _back_project(self, rows: np.ndarray, search: list[_Posteriors], class_weights: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Per class and half-set, the sums ``Σ w·CTF·X/σ²`` and ``Σ w·CTF²/σ²`` over the batch's poses."""
+                      ) -> tuple[Any, Any]:
+        """Per class and half-set, the sums ``Σ w·CTF·X/σ²`` and ``Σ w·CTF²/σ²`` over the batch's poses.
+
+        ``class_weights`` (n, K) weighs each particle's entries per class; the sums (K, 2, P, P, P) stay on the device.
+        """
+        xp, sparse = self.xp, _sparse_module(self.xp)
         n = rows.size
         p = self.padded_box
         count = search[0].count
-        inv_var = (1.0 / self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        data = np.zeros((len(search), 2, p, p, p), dtype=np.complex64)
-        weight = np.zeros((len(search), 2, p, p, p), dtype=np.float32)
-        halves = self.half_set[rows]
+        inv_var = xp.asarray((1.0 / self.state.noise_power[self.layout.shell[:count]]).astype(np.float32))
+        data = xp.zeros((len(search), 2, p, p, p), dtype=np.complex64)
+        weight = xp.zeros((len(search), 2, p, p, p), dtype=np.float32)
+        halves = xp.asarray(self.half_set[rows])
+        class_weights = xp.asarray(class_weights)
         for k, post in enumerate(search):
             x, ctf = self._particle_terms(rows, count, post.centre_px)
-            ramps = shift_phase_ramps(post.shifts_px, self.layout.box_px, self.flat_particle[:count])  # (S, C)
+            ramps = self._shift_ramps(post.shifts_px, count)  # (S, C)
             n_shifts = ramps.shape[0]
             aligned = ((x * ctf * inv_var)[:, None, :] * ramps[None, :, :]).reshape(n * n_shifts, count)
             aligned_real = aligned.view(np.float32)  # (n·S, 2C)
@@ -826,18 +858,19 @@ class AbinitioRun:
             n_rot = post.rotations.shape[0]
             for half in (0, 1):
                 sel = halves[post.particle] == half
-                if not sel.any():
+                if not bool(sel.any()):
                     continue
                 particle, template = post.particle[sel], post.template[sel]
                 column = particle * n_shifts + post.shift[sel]
-                by_pair = scipy.sparse.csr_matrix((w[sel], (template, column)), shape=(n_rot, n * n_shifts))
-                by_particle = scipy.sparse.csr_matrix((w[sel], (template, particle)), shape=(n_rot, n))
-                used = np.flatnonzero(np.diff(by_particle.indptr))
+                by_pair = sparse.csr_matrix((w[sel], (template, column)), shape=(n_rot, n * n_shifts))
+                by_particle = sparse.csr_matrix((w[sel], (template, particle)), shape=(n_rot, n))
+                used = xp.flatnonzero(xp.diff(by_particle.indptr))
                 # Real arithmetic on the interleaved (Re, Im) view: sparse × complex runs far slower.
-                slices = np.ascontiguousarray(by_pair[used] @ aligned_real).view(np.complex64)  # (U, C)
-                slice_weights = np.asarray(by_particle[used] @ power, dtype=np.float32)  # (U, C)
-                accumulator = FourierAccumulator(self.working_box)
-                accumulator.insert(slices, post.rotations[used], slice_weights, coefficients=self.flat_working[:count])
+                slices = xp.ascontiguousarray(by_pair[used] @ aligned_real).view(np.complex64)  # (U, C)
+                slice_weights = xp.asarray(by_particle[used] @ power, dtype=np.float32)  # (U, C)
+                accumulator = FourierAccumulator(self.working_box, xp=xp)
+                accumulator.insert(slices, post.rotations[to_host(used)], slice_weights,
+                                   coefficients=self.flat_working[:count])
                 data[k, half], weight[k, half] = accumulator.padded_sums()
         return data, weight
 
@@ -846,7 +879,7 @@ class AbinitioRun:
         n = rows.size
         count = search[0].count
         best = np.argmax(posteriors, axis=1)
-        residual_power = np.zeros(count)
+        residual_power = self.xp.zeros(count)  # (C,) float64
         for k, post in enumerate(search):
             members = np.flatnonzero(best == k)
             if members.size == 0:
@@ -855,14 +888,13 @@ class AbinitioRun:
             templates = Projector(self._volumes[k]).project(
                 post.rotations[post.best_template[members]], coefficients=self.flat_working[:count]
             )  # (m, C)
-            ramps = shift_phase_ramps(post.shifts_px[post.best_shift[members]], self.layout.box_px,
-                                      self.flat_particle[:count])
+            ramps = self._shift_ramps(post.shifts_px[post.best_shift[members]], count)
             residual = x * ramps - ctf * templates
             residual_power += (residual.real**2 + residual.imag**2).sum(axis=0)
         counts = self.layout.shell_count(count)
         covered = counts > 0
         decay = max(0.0, 1.0 - n / self.noise_memory)
-        measured = self.layout.shell_sum(residual_power) / np.maximum(counts, 1)  # Σ over images, per coefficient
+        measured = self.layout.shell_sum(to_host(residual_power)) / np.maximum(counts, 1)  # Σ over images, per coef.
         self.state.noise_sum[covered] = decay * self.state.noise_sum[covered] + measured[covered]
         self.state.noise_weight[covered] = decay * self.state.noise_weight[covered] + n
 
@@ -907,8 +939,8 @@ class AbinitioRun:
             pixel_size_a=self.layout.pixel_size_a,
         )
 
-    def _final_volumes(self, data: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Wiener volumes (K, D, D, D) from half-set sums (K, 2, P, P, P), and their half-set FSCs (K, shells)."""
+    def _final_volumes(self, data: Any, weight: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Host Wiener volumes (K, D, D, D) from half-set sums (K, 2, P, P, P), and their half-set FSCs (K, shells)."""
         box = self.layout.box_px
         out = np.empty((data.shape[0], box, box, box), dtype=np.float32)
         fscs = np.empty((data.shape[0], self.layout.n_shells))
@@ -916,11 +948,12 @@ class AbinitioRun:
             self.working_box,
             resolution_to_shell(self.layout.box_px, self.layout.pixel_size_a, self.params.max_resolution_a),
             _TAPER_SHELLS,
+            self.xp,
         )
         for k in range(data.shape[0]):
             fscs[k] = self._half_set_fsc(data[k], weight[k])
             merged = self._wiener(data[k], weight[k], fscs[k])
-            out[k] = _fourier_pad_3d(fft3_centered(merged) * taper, box)
+            out[k] = to_host(_fourier_pad_3d(fft3_centered(merged) * taper, box))
         return out, fscs
 
 
@@ -956,53 +989,64 @@ def _fill_empty_shells(power: np.ndarray) -> np.ndarray:
     return out
 
 
-def _radius_grid(box_px: int) -> np.ndarray:
+def _sparse_module(xp: ModuleType) -> Any:
+    """The sparse-matrix namespace of an array module: scipy.sparse, or cupyx.scipy.sparse for cupy."""
+    if xp is np:
+        return scipy.sparse
+    import cupyx.scipy.sparse  # noqa: PLC0415
+
+    return cupyx.scipy.sparse
+
+
+def _radius_grid(box_px: int, xp: ModuleType = np) -> Any:
     """Distance (px) of every voxel of a (D, D, D) grid from the origin voxel ``D // 2``."""
-    k = np.arange(box_px) - box_px // 2
-    return np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    k = xp.arange(box_px) - box_px // 2
+    return xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
 
 
-def _cosine_taper(box_px: int, start: float, width: float) -> np.ndarray:
+def _cosine_taper(box_px: int, start: float, width: float, xp: ModuleType = np) -> Any:
     """1 inside radius ``start``, a raised-cosine fall to 0 over ``width``: (D, D, D) float32."""
-    t = np.clip((_radius_grid(box_px) - start) / width, 0.0, 1.0)
-    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)
+    t = xp.clip((_radius_grid(box_px, xp) - start) / width, 0.0, 1.0)
+    return (0.5 * (1.0 + xp.cos(np.pi * t))).astype(np.float32)
 
 
-def _real_space_masks(box_px: int) -> tuple[np.ndarray, np.ndarray]:
+def _real_space_masks(box_px: int, xp: ModuleType = np) -> tuple[Any, Any]:
     """The soft spherical window (D, D, D) float32 and the solvent region (D, D, D) bool of the working box."""
     half = box_px / 2.0
     inner, outer = (f * half for f in _WINDOW_RADII)
-    window = _cosine_taper(box_px, inner, outer - inner)
-    solvent = _radius_grid(box_px) >= _SOLVENT_RADIUS * half
+    window = _cosine_taper(box_px, inner, outer - inner, xp)
+    solvent = _radius_grid(box_px, xp) >= _SOLVENT_RADIUS * half
     return window, solvent
 
 
-def _constrain(volume: np.ndarray, window: np.ndarray, solvent: np.ndarray) -> np.ndarray:
+def _constrain(volume: Any, window: Any, solvent: Any) -> Any:
     """Non-negative above the solvent level, windowed and centred on its centre of mass: (D, D, D) float32."""
-    positive = np.maximum(volume - np.median(volume[solvent]), 0.0) * window
+    xp = array_module(volume)
+    positive = xp.maximum(volume - xp.median(volume[solvent]), 0.0) * window
     total = float(positive.sum())
     if total <= 0:
         return volume
     box = volume.shape[0]
-    k = np.arange(box) - box // 2
+    k = xp.arange(box) - box // 2
     centre = np.array([
-        (positive.sum(axis=(0, 1)) * k).sum(),  # x
-        (positive.sum(axis=(0, 2)) * k).sum(),  # y
-        (positive.sum(axis=(1, 2)) * k).sum(),  # z
+        float((positive.sum(axis=(0, 1)) * k).sum()),  # x
+        float((positive.sum(axis=(0, 2)) * k).sum()),  # y
+        float((positive.sum(axis=(1, 2)) * k).sum()),  # z
     ]) / total
     if np.abs(centre).max() < 0.5:
         return positive.astype(np.float32)
     # Shift the content by -centre with a phase ramp (exact for band-limited maps).
-    kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
-    ramp = np.exp(2j * np.pi * (kx * centre[0] + ky * centre[1] + kz * centre[2]) / box)
-    return np.asarray(ifft3_centered(fft3_centered(positive) * ramp).real, dtype=np.float32)
+    kz, ky, kx = xp.meshgrid(k, k, k, indexing="ij")
+    ramp = xp.exp(2j * np.pi * (kx * centre[0] + ky * centre[1] + kz * centre[2]) / box)
+    return xp.asarray(ifft3_centered(fft3_centered(positive) * ramp).real, dtype=np.float32)
 
 
-def _fourier_pad_3d(volume_ft: np.ndarray, box_px: int) -> np.ndarray:
+def _fourier_pad_3d(volume_ft: Any, box_px: int) -> Any:
     """Real map (D, D, D) float32 from a centred transform on a smaller box, zero-padded in Fourier space."""
+    xp = array_module(volume_ft)
     small = volume_ft.shape[-1]
-    padded = np.zeros((box_px,) * 3, dtype=np.complex64)
+    padded = xp.zeros((box_px,) * 3, dtype=np.complex64)
     start = box_px // 2 - small // 2
     window = slice(start, start + small)
     padded[window, window, window] = volume_ft
-    return np.asarray(ifft3_centered(padded).real, dtype=np.float32)
+    return xp.asarray(ifft3_centered(padded).real, dtype=np.float32)

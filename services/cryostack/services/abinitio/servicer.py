@@ -25,6 +25,7 @@ from threadpoolctl import ThreadpoolController
 
 from cryostack.abinitio.v1 import abinitio_pb2, abinitio_pb2_grpc
 from cryostack.config import ServiceSettings
+from cryostack.core.backend import default_xp
 from cryostack.errors import InvalidArgumentError
 from cryostack.io.objectstore import ObjectStore
 from cryostack.io.particles import ParticleStackReader
@@ -143,8 +144,9 @@ class AbinitioJobs:
             context.report_progress(stage="read", total_iterations=params.total_iterations,
                                     message=f"reading {n_particles} particles")
             reader = ParticleStackReader(self.objects, selected.table, request.particles_uri, batch_size=READ_BATCH)
+            # The coefficients go to this process's backend (the GPU when there is one); the run follows them.
             spectra = collect_spectra(_checked(reader.iter_batches(), context), n_particles,
-                                      selected.table.ctf_parameters(), layout)
+                                      selected.table.ctf_parameters(), layout, default_xp())
             saved = context.load_checkpoint(CHECKPOINT)
             run = AbinitioRun(spectra, params, context.seed, AbinitioState.from_bytes(saved) if saved else None)
             work = _Work(run)
