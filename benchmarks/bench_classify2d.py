@@ -171,6 +171,7 @@ def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator:
 def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, cap_multiple: float | None,
                   online: int, final_full: int, with_quality: bool, label: str) -> dict[str, Any]:
     """One classification run in this process: timings, kernel share, memory and (optionally) quality."""
+    from cryostack.core.backend import default_xp, describe_backend  # noqa: PLC0415
     from cryostack.services.classify2d.algorithm import Classifier2D, Classify2DParameters  # noqa: PLC0415
     from cryostack.services.classify2d.outputs import montage_png, sort_classes  # noqa: PLC0415
 
@@ -182,7 +183,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
                                   final_full_iterations=final_full, max_particles_per_class_mean_multiple=cap_multiple)
     stamps: list[tuple[int, float, float]] = []
     start = time.perf_counter()
-    classifier = Classifier2D(params, StackFile(path), PIXEL_SIZE_A, ctf_of(simulator), seed=SEED)
+    classifier = Classifier2D(params, StackFile(path), PIXEL_SIZE_A, ctf_of(simulator), seed=SEED, xp=default_xp())
 
     def on_iteration(state: Any, report: Any) -> None:
         stamps.append((report.iteration, time.perf_counter() - start, report.resolution_a))
@@ -199,7 +200,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
     extrapolated = (online_times[0] if online else 0.0) + steady * (20 - 1) + full_time
     counts = result.counts
     record: dict[str, Any] = {
-        "label": label, "particles": n_particles, "classes": n_classes, "box_px": BOX_PX,
+        "label": label, **describe_backend(), "particles": n_particles, "classes": n_classes, "box_px": BOX_PX,
         "online_em_iterations": online, "final_full_iterations": params.final_full_iterations,
         "cap": result.capacity, "wall_s": wall, "particle_evaluations": seen, "particles_per_s": seen / wall,
         "peak_rss_mb": peak_rss_mb(),
@@ -268,7 +269,8 @@ def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> di
     _aspire_montage(averages, [m.size for m in members_of], montage)
     return {
         "label": "aspire", "aspire_version": aspire.__version__, "particles": n_particles, "classes": n_classes,
-        "neighbours_per_class": args.aspire_neighbours, "classifier_seed": SEED, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
+        "neighbours_per_class": args.aspire_neighbours, "classifier_seed": SEED, "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
         "note": "ASPIRE forms each class from one image's nearest neighbours (classes overlap and do not partition "
                 "the set), so occupancy limits do not apply; metrics cover the K selected classes",
         "montage_png": str(montage), "quality": quality,

@@ -55,6 +55,11 @@ classes of the FRC-0.143 resolution; scoring runs :data:`RESOLUTION_MARGIN_SHELL
 Initial classes are CTF-corrected averages of random particle subsets at random in-plane rotations. Everything
 random is drawn from generators seeded by ``(seed, purpose, iteration)``, so a run resumed from the state saved
 after any iteration ends exactly as an uninterrupted run.
+
+Backends. Each batch is transformed, CTF-evaluated, scored and inserted in the classifier's array module (numpy,
+or cupy on a GPU); what carries from one iteration to the next (class averages, running sums, noise, the
+per-particle tables of a full pass) and the small bookkeeping between the searches (candidate classes, pose
+indices, the capped E-step) stay on the host.
 """
 
 from __future__ import annotations
@@ -63,10 +68,12 @@ import io
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
 
+from cryostack.core.backend import array_module, to_host
 from cryostack.core.ctf import CtfParameters
 from cryostack.core.fourier import (
     centered_coefficients_2d,
@@ -451,11 +458,11 @@ class _SearchPlan:
 
 @dataclass
 class _Batch:
-    """A batch of particles prepared for scoring and insertion."""
+    """A batch of particles prepared for scoring and insertion (transforms and CTF on the classifier's device)."""
 
     rows: np.ndarray  # (B,) int64 particle indices
-    coefficients: np.ndarray  # (B, C) complex64 transforms at a prefix of the half-plane coefficients (DC first)
-    ctf: np.ndarray | None  # (B, C) float32 CTF at those coefficients (None: no CTF correction)
+    coefficients: Any  # (B, C) complex64 transforms at a prefix of the half-plane coefficients (DC first)
+    ctf: Any | None  # (B, C) float32 CTF at those coefficients (None: no CTF correction)
     half: np.ndarray  # (B,) int64 half-set 0 or 1
 
 
@@ -510,9 +517,15 @@ class Classifier2D:
         pixel_size_a: float,
         ctf: CtfParameters | None,
         seed: int,
+        xp: ModuleType = np,
     ) -> None:
-        """Validate the parameters against the set and precompute what every iteration shares."""
+        """Validate the parameters against the set and precompute what every iteration shares.
+
+        ``xp`` (numpy, or cupy for the GPU) is where batches are transformed, scored and inserted; the state
+        between iterations (class averages, running sums, noise) and the per-particle tables stay on the host.
+        """
         self.params = params
+        self.xp = xp
         self.particles = particles
         self.n_particles = len(particles)
         self.pixel_size_a = float(pixel_size_a)
@@ -525,6 +538,7 @@ class Classifier2D:
         self.n_shells = n_shells(self.box_px)
         self.max_resolution_a = params.resolution_limit_a(self.pixel_size_a)
         self.coefficients = half_plane_coefficients(self.box_px, self.pixel_size_a, self.max_resolution_a)
+        self._fy, self._fx = xp.asarray(self.coefficients.fy), xp.asarray(self.coefficients.fx)  # (C,) on the device
         inner_a, outer_a = params.mask_diameters_a(self.box_px, self.pixel_size_a)
         self.particle_diameter_a = inner_a
         inner_px, outer_px = inner_a / 2 / self.pixel_size_a, outer_a / 2 / self.pixel_size_a
@@ -603,11 +617,11 @@ class Classifier2D:
         order = np.argsort(chosen)
         chosen, classes, angles = chosen[order], classes[order], angles[order]
         batch = self._prepare(chosen, self.particles.read(chosen))
-        reconstructor = Reconstructor2D(k, self.box_px, pad_factor=self.params.zero_pad_factor)
+        reconstructor = Reconstructor2D(k, self.box_px, pad_factor=self.params.zero_pad_factor, xp=self.xp)
         reconstructor.insert(
             batch.coefficients, rotation_matrix_2d(angles), classes, ctf=batch.ctf, coefficients=self.coefficients.flat
         )
-        averages = reconstructor.reconstruct() * self.mask
+        averages = to_host(reconstructor.reconstruct()) * self.mask
         padded = self.params.zero_pad_factor * self.box_px
         return ClassificationState(
             iteration=0,
@@ -719,9 +733,8 @@ class Classifier2D:
     def _prepare(self, rows: np.ndarray, images: np.ndarray, count: int | None = None) -> _Batch:
         """Transforms and CTF of a batch of images (B, D, D) at the first ``count`` coefficients (None: all)."""
         kept = slice(0, count)
-        coefficients = centered_coefficients_2d(images, self.coefficients.flat[kept])  # (B, C) complex64
-        fy, fx = self.coefficients.fy[kept], self.coefficients.fx[kept]
-        ctf = None if self.ctf is None else self.ctf.take(rows).at(fy, fx)
+        coefficients = centered_coefficients_2d(self.xp.asarray(images), self.coefficients.flat[kept])  # (B, C)
+        ctf = None if self.ctf is None else self.ctf.take(rows).at(self._fy[kept], self._fx[kept])
         return _Batch(rows, coefficients, ctf, self.half[rows])
 
     def _plan(self, resolution_a: float) -> _SearchPlan:
@@ -775,12 +788,13 @@ class Classifier2D:
         """A function aligning batches against the current classes (templates and grids built once)."""
         n_coarse = plan.coarse_count - 1
         flat = self.coefficients.flat[1 : plan.fine_count]  # (C2 - 1,) scored coefficients, DC left out
-        projector = Projector2D(state.averages, pad_factor=self.params.zero_pad_factor)
+        xp = self.xp
+        projector = Projector2D(xp.asarray(state.averages), pad_factor=self.params.zero_pad_factor)
         coarse = projector.rotate(rotation_matrix_2d(plan.coarse_angles_deg), coefficients=flat[:n_coarse])
         coarse_templates = prepare_templates(coarse.reshape(-1, n_coarse))  # (K·R1, C1 - 1)
         fine = projector.rotate(rotation_matrix_2d(plan.fine_angles_deg), coefficients=flat)  # (K, R2, C2)
-        coarse_ramps = shift_phase_ramps(plan.coarse_shifts_px, self.box_px, flat)  # (S1, C2)
-        local_ramps = shift_phase_ramps(plan.local_shifts_px, self.box_px, flat)  # (S2, C2)
+        coarse_ramps = shift_phase_ramps(xp.asarray(plan.coarse_shifts_px), self.box_px, flat)  # (S1, C2)
+        local_ramps = shift_phase_ramps(xp.asarray(plan.local_shifts_px), self.box_px, flat)  # (S2, C2)
         noise_var = self._noise_variance(state, iteration, plan.fine_count)  # (C2 - 1,)
         return lambda batch: self._align(batch, plan, coarse_templates, fine, coarse_ramps, local_ramps, noise_var)
 
@@ -789,26 +803,31 @@ class Classifier2D:
         batch: _Batch,
         plan: _SearchPlan,
         coarse_templates: Any,
-        fine: np.ndarray,
-        coarse_ramps: np.ndarray,
-        local_ramps: np.ndarray,
+        fine: Any,
+        coarse_ramps: Any,
+        local_ramps: Any,
         noise_var: np.ndarray,
     ) -> _Alignment:
-        """Coarse global search over all classes, then local refinement of each particle's candidate classes."""
+        """Coarse global search over all classes, then local refinement of each particle's candidate classes.
+
+        ``fine`` (K, R2, C2) templates and the ramps live on the device; the alignment returned is host arrays.
+        """
+        xp = self.xp
         k, n_coarse, scored = self.n_classes, plan.coarse_count - 1, slice(1, plan.fine_count)
         n_rows = len(batch.rows)
         r1 = plan.coarse_angles_deg.size
         x = batch.coefficients[:, scored]  # (B, C2 - 1)
         ctf = None if batch.ctf is None else batch.ctf[:, scored]
-        coarse_ll = np.full((n_rows, k), -np.inf)
-        coarse_angle = np.zeros((n_rows, k), dtype=np.int64)
-        coarse_shift = np.zeros((n_rows, k), dtype=np.int64)
+        coarse_ll = xp.full((n_rows, k), -np.inf)
+        coarse_angle = xp.zeros((n_rows, k), dtype=np.int64)
+        coarse_shift = xp.zeros((n_rows, k), dtype=np.int64)
         for block in iter_log_likelihoods(
             x[:, :n_coarse], coarse_templates, ctf=None if ctf is None else ctf[:, :n_coarse],
             noise_var=noise_var[:n_coarse], shift_ramps=coarse_ramps[:, :n_coarse],
         ):
             p = block.particles
             _fold_coarse_block(block.values, block.templates, r1, coarse_ll[p], coarse_angle[p], coarse_shift[p])
+        coarse_ll, coarse_angle, coarse_shift = to_host(coarse_ll), to_host(coarse_angle), to_host(coarse_shift)
 
         n_candidates = min(k, CANDIDATE_CLASSES)
         candidates = np.argsort(-coarse_ll, axis=1, kind="stable")[:, :n_candidates]  # (B, Kc) best first
@@ -848,19 +867,23 @@ class Classifier2D:
 
     def _local_search(
         self,
-        x: np.ndarray,
-        ctf: np.ndarray | None,
+        x: Any,
+        ctf: Any | None,
         noise_var: np.ndarray,
-        fine: np.ndarray,
-        coarse_ramps: np.ndarray,
-        local_ramps: np.ndarray,
+        fine: Any,
+        coarse_ramps: Any,
+        local_ramps: Any,
         plan: _SearchPlan,
         rows: np.ndarray,
         classes: np.ndarray,
         coarse_angle: np.ndarray,
         coarse_shift: np.ndarray,
     ) -> dict[str, np.ndarray]:
-        """Score (particle, class) pairs on the local fine grid around their coarse pose at the full prefix."""
+        """Score (particle, class) pairs on the local fine grid around their coarse pose at the full prefix.
+
+        The particles ``x``, ``ctf``, templates and ramps are on the device; pair indices and results on the host.
+        """
+        xp = self.xp
         n_pairs = rows.size
         r2 = plan.fine_angles_deg.size
         window = plan.angle_window  # (W,)
@@ -871,12 +894,13 @@ class Classifier2D:
         for start in range(0, n_pairs, _LOCAL_PAIRS):
             chunk = slice(start, start + _LOCAL_PAIRS)
             # Each pair's particle, moved back by its coarse shift, against its class's W angles around the coarse one.
-            pair_rows = rows[chunk]
-            local_ll[chunk] = local_log_likelihoods(
-                x[pair_rows] * coarse_ramps[coarse_shift[chunk]], table, classes[chunk, None] * r2 + angle_index[chunk],
+            pair_rows = xp.asarray(rows[chunk])
+            local_ll[chunk] = to_host(local_log_likelihoods(
+                x[pair_rows] * coarse_ramps[xp.asarray(coarse_shift[chunk])], table,
+                classes[chunk, None] * r2 + angle_index[chunk],
                 ctf=None if ctf is None else ctf[pair_rows], noise_var=noise_var, shift_ramps=local_ramps,
                 max_bytes=_LOCAL_BYTES,
-            )  # (P, S2, W)
+            ))  # (P, S2, W)
         flat_scores = local_ll.reshape(n_pairs, -1).astype(np.float64)  # (pairs, S2·W)
         pairs = np.arange(n_pairs)
         best = np.argmax(flat_scores, axis=1)
@@ -907,9 +931,9 @@ class Classifier2D:
 
     def _residual_power(
         self,
-        x: np.ndarray,
-        ctf: np.ndarray | None,
-        fine: np.ndarray,
+        x: Any,
+        ctf: Any | None,
+        fine: Any,
         plan: _SearchPlan,
         local: dict[str, np.ndarray],
         candidates: np.ndarray,
@@ -917,32 +941,37 @@ class Classifier2D:
         n_candidates: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per-shell sums of ``|X − CTF·T|²`` at each particle's best class and pose (residual noise estimate)."""
+        xp = self.xp
         n_rows, n_scored = x.shape
         best_candidate = np.argmax(np.take_along_axis(class_ll, candidates, axis=1), axis=1)  # (B,)
         pair = np.arange(n_rows) * n_candidates + best_candidate
-        templates = fine[candidates[np.arange(n_rows), best_candidate], local["angle_index"][pair]]  # (B, C)
+        best_class, best_angle = candidates[np.arange(n_rows), best_candidate], local["angle_index"][pair]
+        templates = fine[xp.asarray(best_class), xp.asarray(best_angle)]  # (B, C)
         shifts = local["shift_px"][pair]  # (B, 2) image shifts
         flat = self.coefficients.flat[1 : 1 + n_scored]
-        ramps = _pair_ramps(shifts, self.box_px, flat)  # (B, C): moves each particle back by -s
+        ramps = _pair_ramps(xp.asarray(shifts), self.box_px, flat)  # (B, C): moves each particle back by -s
         prediction = templates if ctf is None else templates * ctf
         residual = x * ramps - prediction
         power = (residual.real**2 + residual.imag**2).astype(np.float64)  # (B, C)
         shells = self.coefficients.shell[1 : 1 + n_scored]
         return (
-            np.bincount(shells, weights=power.sum(axis=0), minlength=self.n_shells)[: self.n_shells],
+            np.bincount(shells, weights=to_host(power.sum(axis=0)), minlength=self.n_shells)[: self.n_shells],
             np.bincount(shells, minlength=self.n_shells)[: self.n_shells] * float(n_rows),
         )
 
     # ---------------------------------------------------------------------------------------- M-step
 
     def _reconstructors(self) -> list[Reconstructor2D]:
-        return [Reconstructor2D(self.n_classes, self.box_px, pad_factor=self.params.zero_pad_factor) for _ in (0, 1)]
+        return [
+            Reconstructor2D(self.n_classes, self.box_px, pad_factor=self.params.zero_pad_factor, xp=self.xp)
+            for _ in (0, 1)
+        ]
 
     @staticmethod
     def _padded_sums(reconstructors: list[Reconstructor2D]) -> tuple[np.ndarray, np.ndarray]:
-        """Half-set padded sums: data (2, K, P, P) complex64, weight (2, K, P, P) float32."""
+        """Half-set padded sums on the host: data (2, K, P, P) complex64, weight (2, K, P, P) float32."""
         pairs = [r.accumulator.padded_sums() for r in reconstructors]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        return np.stack([to_host(p[0]) for p in pairs]), np.stack([to_host(p[1]) for p in pairs])
 
     def _accumulate(self, parts: list[tuple[_Batch, _Alignment, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """Insert batches with their responsibilities into fresh half-set accumulators."""
@@ -955,22 +984,26 @@ class Classifier2D:
         self, reconstructors: list[Reconstructor2D], batch: _Batch, alignment: _Alignment, weights: np.ndarray
     ) -> None:
         """Insert each particle into every class it belongs to with weight >= MIN_INSERT_WEIGHT, at its pose(s)."""
+        xp = self.xp
         member, cls, angle, shift, weight = _insertions(alignment, weights)
         flat = self.coefficients.flat[: batch.coefficients.shape[1]]
         for start in range(0, member.size, _INSERT_CHUNK):
             chunk = slice(start, start + _INSERT_CHUNK)
             rows = member[chunk]
+            on_device = xp.asarray(rows)
             # Undo each particle's shift; one of each Friedel pair is inserted (the accumulator symmetrises).
-            images = batch.coefficients[rows] * _pair_ramps(shift[chunk].astype(np.float64), self.box_px, flat)
-            ctf = None if batch.ctf is None else batch.ctf[rows]
+            ramps = _pair_ramps(xp.asarray(shift[chunk].astype(np.float64)), self.box_px, flat)
+            images = batch.coefficients[on_device] * ramps
+            ctf = None if batch.ctf is None else batch.ctf[on_device]
             rotations = rotation_matrix_2d(angle[chunk].astype(np.float64))
             for half in (0, 1):
                 take = np.flatnonzero(batch.half[rows] == half)
                 if take.size == 0:
                     continue
+                taken = xp.asarray(take)
                 reconstructors[half].insert(
-                    images[take], rotations[take], cls[chunk][take],
-                    ctf=None if ctf is None else ctf[take], weights=weight[chunk][take], coefficients=flat,
+                    images[taken], rotations[take], cls[chunk][take],
+                    ctf=None if ctf is None else ctf[taken], weights=weight[chunk][take], coefficients=flat,
                 )
 
     def _m_step(
@@ -1112,8 +1145,7 @@ class Classifier2D:
 
 
 def _fold_coarse_block(
-    values: np.ndarray, templates: slice, angles_per_class: int,
-    best_ll: np.ndarray, best_angle: np.ndarray, best_shift: np.ndarray,
+    values: Any, templates: slice, angles_per_class: int, best_ll: Any, best_angle: Any, best_shift: Any
 ) -> None:
     """Fold a block of coarse scores into each particle's best (angle, shift) per class, in place.
 
@@ -1122,28 +1154,32 @@ def _fold_coarse_block(
     arg-max over shifts is taken only at each class's winning angle (an arg-max over the middle axis of the whole
     block costs more than the GEMM that made it). Ties keep the first angle and shift, as ``argmax`` does.
     """
+    xp = array_module(values)
     n, r1 = values.shape[0], angles_per_class
     first, last = templates.start // r1, -(-templates.stop // r1)  # classes this block touches
-    per_template = np.full((n, (last - first) * r1), -np.inf, dtype=np.float32)
+    per_template = xp.full((n, (last - first) * r1), -np.inf, dtype=np.float32)
     per_template[:, templates.start - first * r1 : templates.stop - first * r1] = values.max(axis=1)
     per_class = per_template.reshape(n, last - first, r1)
     angle = per_class.argmax(axis=2)  # (n, k_block)
-    value = np.take_along_axis(per_class, angle[..., None], axis=2)[..., 0]
-    in_block = np.clip(np.arange(first, last)[None, :] * r1 + angle - templates.start, 0, values.shape[2] - 1)
-    shift = values[np.arange(n)[:, None], :, in_block].argmax(axis=2)  # (n, k_block)
+    value = xp.take_along_axis(per_class, angle[..., None], axis=2)[..., 0]
+    in_block = xp.clip(xp.arange(first, last)[None, :] * r1 + angle - templates.start, 0, values.shape[2] - 1)
+    shift = values[xp.arange(n)[:, None], :, in_block].argmax(axis=2)  # (n, k_block)
     better = value > best_ll[:, first:last]
     best_ll[:, first:last][better] = value[better]
     best_angle[:, first:last][better] = angle[better]
     best_shift[:, first:last][better] = shift[better]
 
 
-def _pair_ramps(shifts_px: np.ndarray, box_px: int, flat: np.ndarray) -> np.ndarray:
-    """Phase ramps (B, C) complex64 moving each particle back by its own shift (B, 2) at flat coefficient indices."""
+def _pair_ramps(shifts_px: Any, box_px: int, flat: np.ndarray) -> Any:
+    """Phase ramps (B, C) complex64 moving each particle back by its own shift (B, 2) at flat coefficient indices,
+    on the shifts' device."""
     # exp(2πi (kx·sx + ky·sy) / D) factorises over the axes: 2·B·D exponentials instead of B·C.
-    k = np.arange(box_px) - box_px // 2
+    xp = array_module(shifts_px)
+    k = xp.arange(box_px) - box_px // 2
     scale = 2j * np.pi / box_px
-    along_x = np.exp(scale * shifts_px[:, :1] * k[None, :]).astype(np.complex64)  # (B, D)
-    along_y = np.exp(scale * shifts_px[:, 1:] * k[None, :]).astype(np.complex64)  # (B, D)
+    along_x = xp.exp(scale * shifts_px[:, :1] * k[None, :]).astype(np.complex64)  # (B, D)
+    along_y = xp.exp(scale * shifts_px[:, 1:] * k[None, :]).astype(np.complex64)  # (B, D)
+    flat = xp.asarray(flat)
     return along_x[:, flat % box_px] * along_y[:, flat // box_px]
 
 

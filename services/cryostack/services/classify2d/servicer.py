@@ -14,6 +14,7 @@ import numpy as np
 
 from cryostack.classify2d.v1 import classify2d_pb2, classify2d_pb2_grpc
 from cryostack.config import ServiceSettings
+from cryostack.core.backend import default_xp
 from cryostack.io.objectstore import ObjectStore
 from cryostack.io.particles import ParticleStackReader
 from cryostack.io.uri import S3Uri
@@ -79,7 +80,8 @@ class Classify2DJobs:
         params = parameters_from_proto(request.parameters)
         selected = self.load_input(request)
         reader = ParticleStackReader(self.objects, selected.table, request.particles_uri, batch_size=PASS_BATCH)
-        classifier = Classifier2D(params, reader, selected.pixel_size_a, selected.table.ctf_parameters(), context.seed)
+        classifier = Classifier2D(params, reader, selected.pixel_size_a, selected.table.ctf_parameters(), context.seed,
+                                  default_xp())
         saved = context.load_checkpoint(CHECKPOINT)
         state = ClassificationState.from_bytes(saved) if saved is not None else None
         n_particles = len(selected.table)
