@@ -66,8 +66,9 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -481,19 +482,35 @@ class _Alignment:
     residual_count: np.ndarray  # (shells,) float64 number of terms in each sum
 
     @staticmethod
-    def concatenate(parts: list[_Alignment]) -> _Alignment:
-        """Stack the alignments of consecutive batches."""
-        def cat(name: str) -> np.ndarray | None:
-            values = [getattr(part, name) for part in parts]
-            return None if values[0] is None else np.concatenate(values)
+    def gather(parts: Iterable[tuple[np.ndarray, _Alignment]], n_rows: int) -> _Alignment:
+        """One table of ``n_rows`` particles from batch alignments ``(rows, alignment)``, each written into it as it
+        arrives: a full pass holds its per-particle tables once, not also as a list of parts."""
+        table: dict[str, np.ndarray | None] = {}
+        residual_power: np.ndarray | float = 0.0
+        residual_count: np.ndarray | float = 0.0
+        for rows, part in parts:
+            for name in _PER_PARTICLE_FIELDS:
+                values = getattr(part, name)
+                if name not in table:
+                    table[name] = None if values is None else np.empty((n_rows,) + values.shape[1:], values.dtype)
+                column = table[name]
+                if column is not None:
+                    column[rows] = values
+            residual_power = residual_power + part.residual_power
+            residual_count = residual_count + part.residual_count
+        return _Alignment(**table, residual_power=np.asarray(residual_power), residual_count=np.asarray(residual_count))
 
-        return _Alignment(
-            class_ll=cat("class_ll"), angle_deg=cat("angle_deg"), shift_px=cat("shift_px"),
-            candidates=cat("candidates"), pose_angle_deg=cat("pose_angle_deg"), pose_shift_px=cat("pose_shift_px"),
-            pose_weight=cat("pose_weight"),
-            residual_power=sum(part.residual_power for part in parts),
-            residual_count=sum(part.residual_count for part in parts),
-        )
+    def take(self, rows: np.ndarray) -> _Alignment:
+        """The alignment of particles ``rows`` (the residual sums stay those of the whole table)."""
+        return replace(self, **{
+            name: None if getattr(self, name) is None else getattr(self, name)[rows] for name in _PER_PARTICLE_FIELDS
+        })
+
+
+# The fields of an alignment with one row per particle.
+_PER_PARTICLE_FIELDS = (
+    "class_ll", "angle_deg", "shift_px", "candidates", "pose_angle_deg", "pose_shift_px", "pose_weight",
+)
 
 
 def _softmax(log_weights: np.ndarray) -> np.ndarray:
@@ -666,34 +683,38 @@ class Classifier2D:
         """Score every particle, then E-step over the whole set (hard and capped when final) and M-step."""
         plan = self._plan(state.resolution_a)
         scorer = self._scorer(state, plan, iteration)
-        parts = []
-        for rows, images in self.particles.iter_batches(None, PASS_BATCH):
-            if cancel is not None:
-                cancel()
-            parts.append(scorer(self._prepare(rows, images)))
-        alignment = _Alignment.concatenate(parts)
-        responsibilities = self._responsibilities(alignment.class_ll, self.n_particles)
+
+        def aligned_batches() -> Iterator[tuple[np.ndarray, _Alignment]]:
+            for rows, images in self.particles.iter_batches(None, PASS_BATCH):
+                if cancel is not None:
+                    cancel()
+                yield rows, scorer(self._prepare(rows, images))
+
+        alignment = _Alignment.gather(aligned_batches(), self.n_particles)
+        weights_of: Callable[[np.ndarray], np.ndarray]
         if final:
             labels = (
                 capped_assignment(alignment.class_ll, np.full(self.n_classes, self.capacity))
                 if self.capacity is not None
                 else np.argmax(alignment.class_ll, axis=1)
-            )
+            ).astype(np.int64)
             rows = np.arange(self.n_particles)
             state.final = FinalAssignment(
-                labels=labels.astype(np.int64),
+                labels=labels,
                 psi_deg=alignment.angle_deg[rows, labels].astype(np.float64),
                 shift_px=alignment.shift_px[rows, labels].astype(np.float64),
-                probability=responsibilities[rows, labels],
+                probability=self._responsibilities(alignment.class_ll, self.n_particles)[rows, labels],
             )
-            weights = np.zeros_like(responsibilities)
-            weights[rows, labels] = 1.0
-            # Hard assignment: one pose per particle, the best of its class, in both modes.
+            # Hard assignment: one pose per particle, the best of its class, in both modes; weights one-hot, made
+            # per batch rather than held as an (N, K) table.
             alignment = replace(alignment, pose_angle_deg=None, pose_shift_px=None, pose_weight=None)
+            weights_of = partial(_one_hot, labels, self.n_classes)
+            occupancy = np.bincount(labels, minlength=self.n_classes).astype(np.float64)
         else:
-            weights = responsibilities
-        sums = self._pass_sums(alignment, weights, cancel)
-        occupancy = weights.sum(axis=0)
+            responsibilities = self._responsibilities(alignment.class_ll, self.n_particles)
+            weights_of = responsibilities.__getitem__
+            occupancy = responsibilities.sum(axis=0)
+        sums = self._pass_sums(alignment, weights_of, cancel)
         state = self._m_step(
             state, sums, 1.0, occupancy, alignment, plan, recenter=self.params.recenter_classes and not final
         )
@@ -709,23 +730,17 @@ class Classifier2D:
         return capped_responsibilities(log_weights, capacity)
 
     def _pass_sums(
-        self, alignment: _Alignment, weights: np.ndarray, cancel: Callable[[], None] | None
+        self,
+        alignment: _Alignment,
+        weights_of: Callable[[np.ndarray], np.ndarray],
+        cancel: Callable[[], None] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Read the set again and insert every particle with its weights (a full pass's M-step)."""
+        """Read the set again and insert every particle with its class weights ``weights_of(rows)`` (B, K)."""
         reconstructors = self._reconstructors()
         for rows, images in self.particles.iter_batches(None, PASS_BATCH):
             if cancel is not None:
                 cancel()
-            batch = self._prepare(rows, images)
-            part = _Alignment(
-                class_ll=alignment.class_ll[rows], angle_deg=alignment.angle_deg[rows],
-                shift_px=alignment.shift_px[rows], candidates=alignment.candidates[rows],
-                pose_angle_deg=None if alignment.pose_angle_deg is None else alignment.pose_angle_deg[rows],
-                pose_shift_px=None if alignment.pose_shift_px is None else alignment.pose_shift_px[rows],
-                pose_weight=None if alignment.pose_weight is None else alignment.pose_weight[rows],
-                residual_power=alignment.residual_power, residual_count=alignment.residual_count,
-            )
-            self._insert(reconstructors, batch, part, weights[rows])
+            self._insert(reconstructors, self._prepare(rows, images), alignment.take(rows), weights_of(rows))
         return self._padded_sums(reconstructors)
 
     # ------------------------------------------------------------------------------------ preparation
@@ -1168,6 +1183,13 @@ def _fold_coarse_block(
     best_ll[:, first:last][better] = value[better]
     best_angle[:, first:last][better] = angle[better]
     best_shift[:, first:last][better] = shift[better]
+
+
+def _one_hot(labels: np.ndarray, n_classes: int, rows: np.ndarray) -> np.ndarray:
+    """Weights (B, K) float64 putting each particle of ``rows`` wholly in its class ``labels[rows]``."""
+    weights = np.zeros((rows.size, n_classes))
+    weights[np.arange(rows.size), labels[rows]] = 1.0
+    return weights
 
 
 def _pair_ramps(shifts_px: Any, box_px: int, flat: np.ndarray) -> Any:
