@@ -268,7 +268,9 @@ class Classify2DResult(_message.Message):
     empty_class_count: _builtins.int
     """Number of classes with no particle in the final hard assignment."""
     reseeded_class_count: _builtins.int
-    """Number of class re-seedings performed over the run (starving or empty classes split from the largest)."""
+    """Number of class re-seedings performed over the run (starving classes split from the largest, underused
+    classes split from the one most over the cap).
+    """
     @_builtins.property
     def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Class2DSummary]:
         """One summary per class, in class-number order."""
