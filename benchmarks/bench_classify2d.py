@@ -20,7 +20,7 @@ read back in batches with plain file reads, as a job streams them from the store
   nearest neighbours, BFT averaging; the K classes of lowest neighbour-distance variance) on the same
   phase-flipped images, K class averages of ``--aspire-neighbours`` neighbours each: time and the same metrics.
 
-    uv run python benchmarks/bench_classify2d.py [--cases quality aspire timing] [--particles 20000]
+    uv run python benchmarks/bench_classify2d.py [--cases quality aspire timing] [--classifier-seed 0]
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
                                   final_full_iterations=final_full, max_particles_per_class_mean_multiple=cap_multiple)
     stamps: list[tuple[int, float, float]] = []
     start = time.perf_counter()
-    classifier = Classifier2D(params, StackFile(path), PIXEL_SIZE_A, ctf_of(simulator), seed=SEED, xp=default_xp())
+    classifier = Classifier2D(params, StackFile(path), PIXEL_SIZE_A, ctf_of(simulator), seed=args.classifier_seed,
+                              xp=default_xp())
 
     def on_iteration(state: Any, report: Any) -> None:
         stamps.append((report.iteration, time.perf_counter() - start, report.resolution_a))
@@ -201,6 +202,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
     counts = result.counts
     record: dict[str, Any] = {
         "label": label, **describe_backend(), "particles": n_particles, "classes": n_classes, "box_px": BOX_PX,
+        "classifier_seed": args.classifier_seed,
         "online_em_iterations": online, "final_full_iterations": params.final_full_iterations,
         "cap": result.capacity, "wall_s": wall, "particle_evaluations": seen, "particles_per_s": seen / wall,
         "peak_rss_mb": peak_rss_mb(),
@@ -308,6 +310,8 @@ def main() -> None:
     parser.add_argument("--cap-multiple", type=float, default=1.5, help="cap as a multiple of N/K (quality case)")
     parser.add_argument("--online", type=int, default=20, help="online iterations of the quality runs")
     parser.add_argument("--final-full", type=int, default=1, help="final full iterations of the quality runs")
+    parser.add_argument("--classifier-seed", type=int, default=SEED,
+                        help="random seed of the cryostack classifications (the data's seed stays fixed)")
     parser.add_argument("--lowpass", type=float, default=12.0, help="low-pass (Å) before correlating with the truth")
     parser.add_argument("--aspire-neighbours", type=int, default=50)
     parser.add_argument("--timing-particles", type=int, nargs="+", default=[20_000, 100_000])
@@ -348,7 +352,7 @@ def main() -> None:
                           {s.get("label", s["kind"]) for s in specs}]
     for spec in specs:
         command = [sys.executable, __file__, "--child", json.dumps(spec), "--lowpass", str(args.lowpass),
-                   "--aspire-neighbours", str(args.aspire_neighbours)]
+                   "--aspire-neighbours", str(args.aspire_neighbours), "--classifier-seed", str(args.classifier_seed)]
         # The child's progress goes straight to this process's stderr; its last stdout line is the record.
         completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
