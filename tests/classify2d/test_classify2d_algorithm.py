@@ -106,7 +106,9 @@ def test_cap_is_never_exceeded_while_an_uncapped_run_crowds_one_class() -> None:
 
 def test_resumed_run_ends_equal_to_an_uninterrupted_one() -> None:
     data = make_set(two_references(32), 300, seed=4, snr=0.3, with_ctf=True)
-    params = Classify2DParameters(class_count=3, max_particles_per_class_count=120, **FAST)
+    # Eight online iterations, so that the cap's rebalancing splits classes on both sides of the resumption.
+    params = Classify2DParameters(class_count=3, max_particles_per_class_count=120,
+                                  **{**FAST, "online_em_iterations": 8})
     saved: dict[int, bytes] = {}
 
     def keep(state: ClassificationState, report: object) -> None:
@@ -116,6 +118,7 @@ def test_resumed_run_ends_equal_to_an_uninterrupted_one() -> None:
     uninterrupted = Classifier2D(params, particles, PIXEL_SIZE_A, data.ctf, seed=9).run(on_iteration=keep)
     restarted = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=9)
     resumed = restarted.run(ClassificationState.from_bytes(saved[2]))
+    assert 1 <= ClassificationState.from_bytes(saved[2]).reseeded < uninterrupted.reseeded
 
     np.testing.assert_array_equal(resumed.assignment.labels, uninterrupted.assignment.labels)
     np.testing.assert_array_equal(resumed.assignment.psi_deg, uninterrupted.assignment.psi_deg)
