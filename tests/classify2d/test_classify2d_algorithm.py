@@ -19,6 +19,7 @@ from cryostack.services.classify2d.algorithm import (
     ClassificationState,
     Classifier2D,
     Classify2DParameters,
+    _Alignment,
     _fold_coarse_block,
     half_plane_coefficients,
     validate_parameters,
@@ -321,6 +322,33 @@ def test_coarse_blocks_fold_to_each_class_best_angle_and_shift(template_blocks: 
     np.testing.assert_array_equal(best_angle, expected // n_shifts)
     np.testing.assert_array_equal(best_shift, expected % n_shifts)
     assert (best_angle[0, 0], best_shift[0, 0]) == (3, 1)
+
+
+def test_batch_alignments_gather_into_one_table_by_row_and_back() -> None:
+    rng = np.random.default_rng(3)
+    n, k, kc = 7, 4, 2
+
+    def part(rows: np.ndarray) -> _Alignment:
+        b = rows.size
+        return _Alignment(
+            class_ll=rows[:, None] + np.arange(k)[None, :] / 10.0, angle_deg=rng.random((b, k), dtype=np.float32),
+            shift_px=rng.random((b, k, 2), dtype=np.float32), candidates=np.tile(np.arange(kc), (b, 1)),
+            pose_angle_deg=None, pose_shift_px=None, pose_weight=None,
+            residual_power=np.full(3, float(b)), residual_count=np.ones(3),
+        )
+
+    batches = [np.array([4, 5, 6]), np.array([0, 1]), np.array([2, 3])]  # out of order: rows, not arrival, place them
+    parts = [(rows, part(rows)) for rows in batches]
+    table = _Alignment.gather(iter(parts), n)
+
+    np.testing.assert_array_equal(table.class_ll[:, 0], np.arange(n))
+    for rows, piece in parts:
+        taken = table.take(rows)
+        np.testing.assert_array_equal(taken.angle_deg, piece.angle_deg)
+        np.testing.assert_array_equal(taken.shift_px, piece.shift_px)
+        assert taken.pose_weight is None
+    np.testing.assert_array_equal(table.residual_power, np.full(3, 7.0))  # summed over the batches
+    np.testing.assert_array_equal(table.residual_count, np.full(3, 3.0))
 
 
 def test_blob_references_are_centred() -> None:
