@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from simulated_stacks import StackFile, cached_stack, ctf_of, peak_rss_mb
+from simulated_stacks import StackFile, cached_stack, ctf_of, gpu_pool_mb, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "abinitio.json"
@@ -130,7 +130,7 @@ def run_cryostack(spec: dict[str, Any]) -> dict[str, Any]:
         **spec,
         **describe_backend(),
         "wall_s": wall, "read_s": read_s, "iterations_s": iterations_s, "final_pass_s": wall - read_s - iterations_s,
-        "peak_rss_mb": peak_rss_mb(), "working_box_px": layout.working_box_px,
+        "peak_rss_mb": peak_rss_mb(), "gpu_pool_mb": gpu_pool_mb(default_xp()), "working_box_px": layout.working_box_px,
         "coefficients_per_particle": layout.n_coefficients, "class_sizes": result.class_sizes.tolist(),
         "half_map_resolution_a": [float(r) for r in result.resolution_a], "trace": trace,
     }

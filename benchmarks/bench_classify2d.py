@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from simulated_stacks import StackFile, cached_stack, ctf_of, peak_rss_mb
+from simulated_stacks import StackFile, cached_stack, ctf_of, gpu_pool_mb, peak_rss_mb, sgemm_gflops, synchronise
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "classify2d.json"
@@ -47,19 +47,6 @@ PIXEL_SIZE_A = 3.0
 SNR = 0.1
 SEED = 0
 MAX_GT_PROJECTIONS = 12
-
-
-def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 matrix-product rate of this machine's BLAS, GFLOP/s."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best / 1e9
 
 
 def dataset(n_particles: int) -> tuple[Path, Any]:
@@ -74,7 +61,8 @@ def dataset(n_particles: int) -> tuple[Path, Any]:
 class KernelMeter:
     """Times the scoring kernel inside a run and counts its useful floating-point operations."""
 
-    def __init__(self) -> None:
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
         self.seconds = 0.0
         self.flops = 0.0
 
@@ -95,6 +83,7 @@ class KernelMeter:
                 start = time.perf_counter()
                 try:
                     block = next(generator)
+                    synchronise(meter.xp)
                 except StopIteration:
                     meter.seconds += time.perf_counter() - start
                     return
@@ -108,6 +97,7 @@ class KernelMeter:
                         plan: Any, rows: Any, *rest: Any) -> Any:
             start = time.perf_counter()
             out = original_local(self, x, ctf, noise_var, fine, coarse_ramps, local_ramps, plan, rows, *rest)
+            synchronise(meter.xp)
             meter.seconds += time.perf_counter() - start
             pairs, coefficients = rows.size, x.shape[1]
             window, shifts = plan.angle_window.size, local_ramps.shape[0]
@@ -175,16 +165,17 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
     from cryostack.services.classify2d.algorithm import Classifier2D, Classify2DParameters  # noqa: PLC0415
     from cryostack.services.classify2d.outputs import montage_png, sort_classes  # noqa: PLC0415
 
-    path, simulator = dataset(n_particles)
-    sgemm = sgemm_gflops()
-    meter = KernelMeter()
+    path, simulator = dataset(n_particles)  # before the GPU is touched: the cache is written by forked processes
+    xp = default_xp()
+    sgemm = sgemm_gflops(xp)
+    meter = KernelMeter(xp)
     meter.install()
     params = Classify2DParameters(class_count=n_classes, online_em_iterations=online,
                                   final_full_iterations=final_full, max_particles_per_class_mean_multiple=cap_multiple)
     stamps: list[tuple[int, float, float]] = []
     start = time.perf_counter()
     classifier = Classifier2D(params, StackFile(path), PIXEL_SIZE_A, ctf_of(simulator), seed=args.classifier_seed,
-                              xp=default_xp())
+                              xp=xp)
 
     def on_iteration(state: Any, report: Any) -> None:
         stamps.append((report.iteration, time.perf_counter() - start, report.resolution_a))
@@ -205,7 +196,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
         "classifier_seed": args.classifier_seed,
         "online_em_iterations": online, "final_full_iterations": params.final_full_iterations,
         "cap": result.capacity, "wall_s": wall, "particle_evaluations": seen, "particles_per_s": seen / wall,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "gpu_pool_mb": gpu_pool_mb(xp),
         "iteration_times_s": [round(t, 2) for _, t, _ in stamps],
         "resolution_a_per_iteration": [round(r, 2) for _, _, r in stamps],
         "steady_online_iteration_s": steady, "full_pass_s": full_time,

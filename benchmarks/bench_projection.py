@@ -28,14 +28,9 @@ from cryostack.core.fourier import resolution_mask
 from cryostack.core.geometry import uniform_random_rotations
 from cryostack.core.projection import FourierAccumulator, Projector, backproject
 from cryostack.core.reconstruction import Reconstructor
+from simulated_stacks import synchronise
 
 RESULTS = Path(__file__).resolve().parent / "results" / "projection.json"
-
-
-def _synchronise(xp: Any) -> None:
-    """Wait for queued GPU work so timings cover it (no-op on CPU)."""
-    if xp is not np:
-        xp.cuda.Stream.null.synchronize()
 
 
 def _best_seconds(run: Callable[[], Any], repeats: int, xp: Any) -> float:
@@ -44,7 +39,7 @@ def _best_seconds(run: Callable[[], Any], repeats: int, xp: Any) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        _synchronise(xp)
+        synchronise(xp)
         best = min(best, time.perf_counter() - start)
     return best
 

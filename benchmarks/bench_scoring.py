@@ -31,6 +31,7 @@ from cryostack.core.backend import default_xp, describe_backend, to_device
 from cryostack.core.fourier import centered_frequency_indices, resolution_mask
 from cryostack.core.poses import shift_grid_px
 from cryostack.core.scoring import prepare_templates, score_force_max, score_top_k, scoring_flops, shift_phase_ramps
+from simulated_stacks import sgemm_gflops, synchronise
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scoring.json"
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -52,16 +53,10 @@ CONFIGS = [
 QUICK_CONFIGS = [CONFIGS[0], CONFIGS[3], CONFIGS[6]]
 
 
-def _synchronise(xp: Any) -> None:
-    """Wait for queued GPU work so timings cover it (no-op on CPU)."""
-    if xp is not np:
-        xp.cuda.Stream.null.synchronize()
-
-
 def _seconds(run: Callable[[], Any], xp: Any) -> float:
     start = time.perf_counter()
     run()
-    _synchronise(xp)
+    synchronise(xp)
     return time.perf_counter() - start
 
 
@@ -144,15 +139,6 @@ def bench_config(
     return result
 
 
-def square_sgemm_gflops(size: int, repeats: int, xp: Any) -> float:
-    """Throughput of a square float32 matmul, the machine's nominal SGEMM peak."""
-    rng = np.random.default_rng(0)
-    a = to_device(rng.standard_normal((size, size)).astype(np.float32), xp)
-    b = to_device(rng.standard_normal((size, size)).astype(np.float32), xp)
-    _seconds(lambda: a @ b, xp)
-    return 2 * size**3 / min(_seconds(lambda: a @ b, xp) for _ in range(repeats)) / 1e9
-
-
 def machine_facts() -> dict[str, Any]:
     """Library versions, thread pools, BLAS environment and load: what the figures depend on."""
     facts: dict[str, Any] = {
@@ -186,7 +172,7 @@ def main() -> None:
         "benchmark": "scoring",
         "machine": machine_facts(),
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "square_sgemm_2048_gflops": square_sgemm_gflops(2048, args.repeats, xp),
+        "square_sgemm_2048_gflops": sgemm_gflops(xp, 2048, args.repeats),
         "configs": [],
     }
     for config in QUICK_CONFIGS if args.quick else CONFIGS:

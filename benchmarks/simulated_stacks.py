@@ -7,9 +7,12 @@ every page it touched in the process's RSS, and the benchmarks report peak RSS).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import resource
+import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +27,66 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def gpu_pool_mb(xp: Any) -> float | None:
+    """MiB the GPU memory pool holds (it keeps what it allocated, so at the end of a run ~ its peak); None on CPU."""
+    if xp is np:
+        return None
+    return xp.get_default_memory_pool().total_bytes() / 2**20
+
+
+def synchronise(xp: Any) -> None:
+    """Wait for queued GPU work so timings cover it (no-op on CPU)."""
+    if xp is not np:
+        xp.cuda.Stream.null.synchronize()
+
+
+def sgemm_gflops(xp: Any, size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 square matrix-product rate on the device of ``xp``, GFLOP/s: the machine's nominal ceiling."""
+    rng = np.random.default_rng(0)
+    a = xp.asarray(rng.standard_normal((size, size), dtype=np.float32))
+    b = xp.asarray(rng.standard_normal((size, size), dtype=np.float32))
+    a @ b
+    synchronise(xp)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        synchronise(xp)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best / 1e9
+
+
 def cached_stack(path: Path, simulator: Any) -> Path:
-    """``path``, holding the simulator's images (N, D, D) float32 as ``.npy``; simulated on first use."""
+    """``path``, holding the simulator's images (N, D, D) float32 as ``.npy``; simulated on first use.
+
+    The images are simulated in chunks of ``READ_BATCH`` by one forked process per core: each particle's image
+    depends only on its index (seeded noise), so the stack is the same however it is split.
+    """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial.npy")
-        box = simulator.params.box_px
-        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
-                                           shape=(simulator.params.n_particles, box, box))
-        for batch in simulator.batches(READ_BATCH):
-            images[batch.start : batch.start + len(batch.images)] = batch.images
-        images.flush()
-        del images
+        box, n = simulator.params.box_px, simulator.params.n_particles
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n, box, box)).flush()
+        chunks = [(partial, start, min(start + READ_BATCH, n)) for start in range(0, n, READ_BATCH)]
+        global _SIMULATOR
+        _SIMULATOR = simulator
+        workers = min(len(chunks), os.cpu_count() or 1)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            list(pool.map(_simulate_chunk, chunks))
+        _SIMULATOR = None
         partial.rename(path)
     return path
+
+
+# The simulator of the stack being written, inherited by the forked workers of :func:`cached_stack`.
+_SIMULATOR: Any = None
+
+
+def _simulate_chunk(chunk: tuple[Path, int, int]) -> None:
+    path, start, stop = chunk
+    images = np.load(path, mmap_mode="r+")
+    images[start:stop] = _SIMULATOR.images(start, stop)
+    images.flush()
 
 
 def ctf_of(simulator: Any) -> Any:
