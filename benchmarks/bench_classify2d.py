@@ -16,11 +16,16 @@ read back in batches with plain file reads, as a job streams them from the store
 - every cryostack run reports the scoring kernel's share of the wall time and its GFLOP/s (the coarse global
   search through :func:`cryostack.core.scoring.iter_log_likelihoods` and the local refinement's batched GEMMs) next
   to SGEMM GFLOP/s measured in the same process.
+- ``oracle``: what an assignment by likelihood can reach on this data: K classes built from the ground truth
+  (for particles near a preferred view: presence x view x ``ORACLE_HINGE_BINS`` hinge bins, one class per view for
+  the absent ones; the rest clustered by view direction, separately by presence), each class average the mean
+  noise-free CTF-free projection of its members, then one final full pass of the classifier from those averages
+  (no cap): the same metrics for the classes the particles then choose.
 - ``aspire``: ASPIRE-Python's 2D class averaging (``DefaultClassAvgSource``: rotationally invariant features,
   nearest neighbours, BFT averaging; the K classes of lowest neighbour-distance variance) on the same
   phase-flipped images, K class averages of ``--aspire-neighbours`` neighbours each: time and the same metrics.
 
-    uv run python benchmarks/bench_classify2d.py [--cases quality aspire timing] [--classifier-seed 0]
+    uv run python benchmarks/bench_classify2d.py [--cases quality aspire oracle timing] [--classifier-seed 0]
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ PIXEL_SIZE_A = 3.0
 SNR = 0.1
 SEED = 0
 MAX_GT_PROJECTIONS = 12
+# Ground-truth classes of the ``oracle`` case: a particle within this angle of a preferred view is "on" that view
+# (about two spreads of the scenario's von Mises-Fisher clusters), and each view's present particles are cut into
+# this many hinge-angle bins of equal size.
+ORACLE_VIEW_RADIUS_DEG = 25.0
+ORACLE_HINGE_BINS = 8
 
 
 def dataset(n_particles: int) -> tuple[Path, Any]:
@@ -224,6 +234,88 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
     return record
 
 
+def oracle_groups(simulator: Any, n_classes: int) -> np.ndarray:
+    """Ground-truth classes (N,) in [0, n_classes): see the ``oracle`` case."""
+    from sklearn.cluster import KMeans  # noqa: PLC0415
+
+    truth = simulator.ground_truth
+    present = truth.domain_present.astype(bool)
+    directions = truth.view_directions()  # (N, 3)
+    rot, tilt = np.deg2rad(np.asarray(simulator.scenario.poses.preferred_views, dtype=np.float64).T)
+    preferred = np.stack([np.cos(rot) * np.sin(tilt), np.sin(rot) * np.sin(tilt), np.cos(tilt)], axis=1)  # (V, 3)
+    angle = np.rad2deg(np.arccos(np.clip(np.abs(directions @ preferred.T), 0.0, 1.0)))  # opposite: mirror view
+    near, on_view = angle.argmin(axis=1), angle.min(axis=1) <= ORACLE_VIEW_RADIUS_DEG
+    groups = np.empty(present.size, dtype=np.int64)
+    next_group = 0
+    for view in range(preferred.shape[0]):
+        rows = np.flatnonzero(present & on_view & (near == view))
+        hinge = truth.hinge_angle_deg[rows]
+        edges = np.quantile(hinge, np.linspace(0.0, 1.0, ORACLE_HINGE_BINS + 1)[1:-1])
+        groups[rows] = next_group + np.searchsorted(edges, hinge, side="right")
+        groups[~present & on_view & (near == view)] = next_group + ORACLE_HINGE_BINS
+        next_group += ORACLE_HINGE_BINS + 1
+    left = n_classes - next_group
+    if left < 2:
+        raise ValueError(f"the oracle needs more than {next_group + 1} classes, got {n_classes}")
+    off_view_present = min(left - 1, max(1, round(left * present[~on_view].mean())))
+    for flag, count in ((True, off_view_present), (False, left - off_view_present)):
+        rows = np.flatnonzero(~on_view & (present == flag))
+        folded = directions[rows] * np.where(directions[rows, 2:] < 0, -1.0, 1.0)
+        groups[rows] = next_group + KMeans(count, n_init=4, random_state=SEED).fit_predict(folded)
+        next_group += count
+    return groups
+
+
+def oracle_averages(simulator: Any, groups: np.ndarray, n_classes: int) -> np.ndarray:
+    """Mean noise-free, CTF-free, centred projection of each group's members (K, D, D) float32.
+
+    In-plane angle 0, except near the top view (tilt < 30°), where rot is an in-plane turn and psi = -rot undoes it.
+    """
+    from cryostack.core.fourier import ifft2_centered  # noqa: PLC0415
+    from cryostack.core.geometry import euler_to_matrix  # noqa: PLC0415
+
+    truth = simulator.ground_truth
+    psi = np.where(truth.tilt_deg < 30.0, -truth.rot_deg, 0.0)
+    sums = np.zeros((n_classes, BOX_PX, BOX_PX), dtype=np.float64)
+    for conformation in np.unique(simulator.conformation_index):
+        rows = np.flatnonzero(simulator.conformation_index == conformation)
+        projector = simulator._projector(int(conformation))
+        for start in range(0, rows.size, 2048):
+            chunk = rows[start : start + 2048]
+            rotations = euler_to_matrix(truth.rot_deg[chunk], truth.tilt_deg[chunk], psi[chunk])
+            images = ifft2_centered(projector.project(rotations)).real
+            np.add.at(sums, groups[chunk], images)
+    counts = np.bincount(groups, minlength=n_classes)
+    return (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
+
+
+def run_oracle(args: argparse.Namespace, n_particles: int, n_classes: int) -> dict[str, Any]:
+    """Classes from the truth, then the classifier's final full pass from their averages: the same metrics."""
+    from cryostack.services.classify2d.algorithm import Classifier2D, Classify2DParameters  # noqa: PLC0415
+
+    path, simulator = dataset(n_particles)
+    groups = oracle_groups(simulator, n_classes)
+    params = Classify2DParameters(class_count=n_classes, online_em_iterations=0, final_full_iterations=1)
+    classifier = Classifier2D(params, StackFile(path), PIXEL_SIZE_A, ctf_of(simulator), seed=args.classifier_seed)
+    state = classifier.initial_state()
+    state.averages = oracle_averages(simulator, groups, n_classes) * classifier.mask
+    state.occupancy = np.bincount(groups, minlength=n_classes).astype(np.float64)
+    state.resolution_a = params.resolution_limit_a(PIXEL_SIZE_A)
+    result = classifier.run(state)
+    labels = result.assignment.labels
+    radius_px = params.mask_diameters_a(BOX_PX, PIXEL_SIZE_A)[0] / 2 / PIXEL_SIZE_A
+    members_of = [np.flatnonzero(labels == c) for c in range(n_classes)]
+    quality = class_quality(result.averages, members_of, simulator, n_particles, args.lowpass, radius_px)
+    quality["lowpass_a"] = args.lowpass
+    return {
+        "label": "oracle", "particles": n_particles, "classes": n_classes,
+        "view_radius_deg": ORACLE_VIEW_RADIUS_DEG, "hinge_bins": ORACLE_HINGE_BINS,
+        "group_sizes": np.bincount(groups, minlength=n_classes).tolist(),
+        "occupancy": {"max_class": int(result.counts.max()), "empty_classes": int(np.sum(result.counts == 0))},
+        "quality": quality,
+    }
+
+
 def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> dict[str, Any]:
     """ASPIRE's class averaging on the same (phase-flipped) images, timed, with the same metrics."""
     os.chdir(tempfile.mkdtemp(prefix="aspire-"))  # ASPIRE writes its logs into the working directory
@@ -284,6 +376,8 @@ def child(args: argparse.Namespace) -> None:
     spec = json.loads(args.child)
     if spec["kind"] == "aspire":
         record = run_aspire(args, spec["particles"], spec["classes"])
+    elif spec["kind"] == "oracle":
+        record = run_oracle(args, spec["particles"], spec["classes"])
     else:
         record = run_cryostack(args, spec["particles"], spec["classes"], spec.get("cap_multiple"), spec["online"],
                                spec.get("final_full", 1), spec["quality"], spec["label"])
@@ -294,8 +388,8 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run the requested cases, each in a fresh process, and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["quality", "aspire", "timing"],
-                        choices=["quality", "aspire", "timing"])
+    parser.add_argument("--cases", nargs="+", default=["quality", "aspire", "oracle", "timing"],
+                        choices=["quality", "aspire", "oracle", "timing"])
     parser.add_argument("--particles", type=int, default=20_000)
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--cap-multiple", type=float, default=1.5, help="cap as a multiple of N/K (quality case)")
@@ -324,6 +418,8 @@ def main() -> None:
         ]
     if "aspire" in args.cases:
         specs.append({"kind": "aspire", "particles": args.particles, "classes": args.classes})
+    if "oracle" in args.cases:
+        specs.append({"kind": "oracle", "label": "oracle", "particles": args.particles, "classes": args.classes})
     if "timing" in args.cases:
         specs += [
             {"kind": "cryostack", "label": f"timing_{n}_{k}", "particles": n, "classes": k,
