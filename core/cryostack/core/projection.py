@@ -209,14 +209,12 @@ def _scatter_add(acc: Any, index: Any, values: Any) -> None:
     if xp is np:
         np.add.at(acc, index, values)
         return
-    import cupyx  # noqa: PLC0415  (only reached with cupy arrays)
-
-    if xp.iscomplexobj(acc):
+    if xp.iscomplexobj(acc):  # CUDA's atomic add is real: the two parts go through a real view
         real_view = acc.view(np.float32 if acc.dtype == np.complex64 else np.float64)
-        cupyx.scatter_add(real_view, 2 * index, values.real.astype(real_view.dtype))
-        cupyx.scatter_add(real_view, 2 * index + 1, values.imag.astype(real_view.dtype))
+        xp.add.at(real_view, 2 * index, values.real.astype(real_view.dtype))
+        xp.add.at(real_view, 2 * index + 1, values.imag.astype(real_view.dtype))
     else:
-        cupyx.scatter_add(acc, index, values.astype(acc.dtype))
+        xp.add.at(acc, index, values.astype(acc.dtype))
 
 
 def _scatter(
