@@ -11,6 +11,7 @@ from classify2d_data import PIXEL_SIZE_A, blob_image, make_set, two_references
 from cryostack.core.backend import cupy_available
 from cryostack.core.fourier import frequency_radius_px
 from cryostack.core.metrics import adjusted_rand_index
+from cryostack.core.scoring import LogLikelihoodBlock
 from cryostack.errors import InvalidArgumentError
 from cryostack.services.classify2d import algorithm
 from cryostack.services.classify2d.algorithm import (
@@ -304,17 +305,23 @@ def test_half_plane_coefficients_hold_one_of_each_friedel_pair(box_px: int) -> N
 
 @pytest.mark.parametrize("template_blocks", [[(0, 60)], [(0, 25), (25, 60)], [(0, 7), (7, 13), (13, 48), (48, 60)]])
 def test_coarse_blocks_fold_to_each_class_best_angle_and_shift(template_blocks: list[tuple[int, int]]) -> None:
-    # Scores (n, S, K·R1) for K = 5 classes of R1 = 12 angles, folded whole or in template blocks that split
-    # classes, must give each class's best score with the (first) arg-max angle and shift.
+    # Scores (n, S, K·R1) for K = 5 classes of R1 = 12 angles, as shift terms minus a per-template offset,
+    # folded whole or in template blocks that split classes, must give each class's best score with the (first)
+    # arg-max angle and shift.
     rng = np.random.default_rng(len(template_blocks))
     n, n_shifts, k, r1 = 7, 4, 5, 12
-    values = rng.standard_normal((n, n_shifts, k * r1)).astype(np.float32)
-    values[0, 1, 3] = values[0, 2, 3] = values[0, 3, 5] = 9.0  # a tie over shifts and over angles of class 0
+    shift_terms = rng.standard_normal((n, n_shifts, k * r1)).astype(np.float32)
+    offset = rng.integers(-3, 4, (n, k * r1)).astype(np.float32)
+    offset[0, 3] = offset[0, 5] = 2.0
+    shift_terms[0, 1, 3] = shift_terms[0, 2, 3] = shift_terms[0, 3, 5] = 11.0  # a tie over shifts and angles
+    values = shift_terms - offset[:, None, :]
     best_ll = np.full((n, k), -np.inf)
     best_angle = np.zeros((n, k), dtype=np.int64)
     best_shift = np.zeros((n, k), dtype=np.int64)
     for start, stop in template_blocks:
-        _fold_coarse_block(values[:, :, start:stop], slice(start, stop), r1, best_ll, best_angle, best_shift)
+        block = LogLikelihoodBlock(particles=slice(0, n), templates=slice(start, stop),
+                                   shift_terms=shift_terms[:, :, start:stop], offset=offset[:, start:stop])
+        _fold_coarse_block(block, r1, best_ll, best_angle, best_shift)
     per_class = values.reshape(n, n_shifts, k, r1)
     flat = per_class.transpose(0, 2, 3, 1).reshape(n, k, -1)  # (n, K, R1·S): angle-major, then shift
     expected = np.argmax(flat, axis=2)

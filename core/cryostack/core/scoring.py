@@ -84,11 +84,21 @@ class PreparedTemplates:
 
 @dataclass(frozen=True)
 class LogLikelihoodBlock:
-    """Log-likelihoods of a block of particles × shifts × templates."""
+    """Log-likelihoods of a block of particles × shifts × templates, as a shift-dependent part and an offset.
+
+    The offset does not depend on the shift, so a reduction over shifts (max, log-sum-exp) can take it off after
+    reducing, sparing a pass over the (n, S, m) block.
+    """
 
     particles: slice
     templates: slice
-    values: Array  # (n, S, m) float32
+    shift_terms: Array  # (n, S, m) float32
+    offset: Array  # (n, m) or (n, 1) float32: log-likelihood = shift_terms − offset[:, None, :]
+
+    @property
+    def values(self) -> Array:
+        """The log-likelihoods (n, S, m) float32 (a new array)."""
+        return self.shift_terms - self.offset[:, None, :]
 
 
 @dataclass(frozen=True)
@@ -189,8 +199,8 @@ def iter_log_likelihoods(
     for p_block, t_blocks in problem.plan(max_bytes):
         side = problem.particle_side(p_block.start, p_block.stop)
         for t_block in t_blocks:
-            values = problem.log_likelihood(side, t_block.start, t_block.stop)
-            yield LogLikelihoodBlock(particles=p_block, templates=t_block, values=values)
+            shift_terms, offset = problem.log_likelihood_parts(side, t_block.start, t_block.stop)
+            yield LogLikelihoodBlock(particles=p_block, templates=t_block, shift_terms=shift_terms, offset=offset)
 
 
 def local_log_likelihoods(
@@ -597,10 +607,16 @@ class _Problem(_Particles):
         power = side.ctf_power @ self.template_rows[t0:t1, 2 * c :].T  # (n, m)
         return cross.reshape(side.n_particles, self.n_shifts, t1 - t0), power
 
+    def log_likelihood_parts(self, side: _ParticleSide, t0: int, t1: int) -> tuple[Array, Array]:
+        """Log-likelihoods against templates ``t0:t1`` as ``(n, S, m)`` shift terms minus an ``(n, m)`` or
+        ``(n, 1)`` offset."""
+        cross, power = self.cross_and_power(side, t0, t1)
+        offset = side.x_norm[:, None] if power is None else power + side.x_norm[:, None]
+        return cross, offset
+
     def log_likelihood(self, side: _ParticleSide, t0: int, t1: int) -> Array:
         """Log-likelihoods ``(n, S, m)`` float32 of the particle block against templates ``t0:t1``."""
-        cross, power = self.cross_and_power(side, t0, t1)
-        offset = side.x_norm[:, None] if power is None else power + side.x_norm[:, None]  # (n, m) or (n, 1)
+        cross, offset = self.log_likelihood_parts(side, t0, t1)
         cross -= offset[:, None, :]
         return cross
 

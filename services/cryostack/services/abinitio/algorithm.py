@@ -722,7 +722,8 @@ class AbinitioRun:
         best_shift = xp.zeros(n, dtype=np.int64)
         for block in iter_log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
                                           max_bytes=_SCORING_BLOCK_BYTES):
-            values = block.values  # (b, S, m)
+            values = block.shift_terms  # (b, S, m), made log-likelihoods in place
+            values -= block.offset[:, None, :]
             b, _, m = values.shape
             peak[block.particles, block.templates] = values.max(axis=1)
             flat = values.reshape(b, -1)

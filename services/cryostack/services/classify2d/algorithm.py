@@ -95,6 +95,7 @@ from cryostack.core.poses import inplane_angle_step_deg, inplane_angles_deg, shi
 from cryostack.core.projection import Projector2D
 from cryostack.core.reconstruction import DEFAULT_TAU2_FUDGE_2D, Reconstructor2D, reconstruct_from_sums
 from cryostack.core.scoring import (
+    LogLikelihoodBlock,
     iter_log_likelihoods,
     local_log_likelihoods,
     prepare_templates,
@@ -841,7 +842,7 @@ class Classifier2D:
             noise_var=noise_var[:n_coarse], shift_ramps=coarse_ramps[:, :n_coarse],
         ):
             p = block.particles
-            _fold_coarse_block(block.values, block.templates, r1, coarse_ll[p], coarse_angle[p], coarse_shift[p])
+            _fold_coarse_block(block, r1, coarse_ll[p], coarse_angle[p], coarse_shift[p])
         coarse_ll, coarse_angle, coarse_shift = to_host(coarse_ll), to_host(coarse_angle), to_host(coarse_shift)
 
         n_candidates = min(k, CANDIDATE_CLASSES)
@@ -1160,20 +1161,21 @@ class Classifier2D:
 
 
 def _fold_coarse_block(
-    values: Any, templates: slice, angles_per_class: int, best_ll: Any, best_angle: Any, best_shift: Any
+    block: LogLikelihoodBlock, angles_per_class: int, best_ll: Any, best_angle: Any, best_shift: Any
 ) -> None:
     """Fold a block of coarse scores into each particle's best (angle, shift) per class, in place.
 
-    ``values`` (n, S, m) scores the block's particles against templates ``templates`` of the (K·R1,) class-major
-    grid; ``best_*`` (n, K) are those particles' running bests. The maximum over shifts is a fast reduction; the
-    arg-max over shifts is taken only at each class's winning angle (an arg-max over the middle axis of the whole
-    block costs more than the GEMM that made it). Ties keep the first angle and shift, as ``argmax`` does.
+    ``block`` scores its particles against templates of the (K·R1,) class-major grid; ``best_*`` (n, K) are those
+    particles' running bests. The maximum over shifts is a fast reduction, taken before the shift-free offset comes
+    off; the arg-max over shifts is taken only at each class's winning angle (an arg-max over the middle axis of
+    the whole block costs more than the GEMM that made it). Ties keep the first angle and shift, as ``argmax`` does.
     """
+    values, templates = block.shift_terms, block.templates  # (n, S, m)
     xp = array_module(values)
     n, r1 = values.shape[0], angles_per_class
     first, last = templates.start // r1, -(-templates.stop // r1)  # classes this block touches
     per_template = xp.full((n, (last - first) * r1), -np.inf, dtype=np.float32)
-    per_template[:, templates.start - first * r1 : templates.stop - first * r1] = values.max(axis=1)
+    per_template[:, templates.start - first * r1 : templates.stop - first * r1] = values.max(axis=1) - block.offset
     per_class = per_template.reshape(n, last - first, r1)
     angle = per_class.argmax(axis=2)  # (n, k_block)
     value = xp.take_along_axis(per_class, angle[..., None], axis=2)[..., 0]
