@@ -11,6 +11,7 @@ the voltage for which its formula gives our wavelength.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,8 +40,10 @@ def _import_aspire(module: str):
     return imported
 
 
-aspire_operators = _import_aspire("aspire.operators")
-aspire_utils = _import_aspire("aspire.utils")
+@pytest.fixture(scope="module")
+def aspire() -> SimpleNamespace:
+    """ASPIRE's CTF operators and utilities, for the tests that compare with it (the others run without ASPIRE)."""
+    return SimpleNamespace(operators=_import_aspire("aspire.operators"), utils=_import_aspire("aspire.utils"))
 
 
 @pytest.mark.parametrize(("voltage_kv", "wavelength_a"), [(300.0, 0.019687), (200.0, 0.025079), (120.0, 0.033492)])
@@ -48,9 +51,9 @@ def test_wavelength_known_values(voltage_kv: float, wavelength_a: float) -> None
     assert electron_wavelength_a(voltage_kv) == pytest.approx(wavelength_a, abs=1e-6)
 
 
-def test_wavelength_matches_aspire_codata_formula() -> None:
+def test_wavelength_matches_aspire_codata_formula(aspire: SimpleNamespace) -> None:
     for kv in (80.0, 200.0, 300.0):
-        assert electron_wavelength_a(kv) == pytest.approx(aspire_utils.voltage_to_wavelength(kv), rel=1e-12)
+        assert electron_wavelength_a(kv) == pytest.approx(aspire.utils.voltage_to_wavelength(kv), rel=1e-12)
 
 
 def _aspire_voltage_for(wavelength_a: float) -> float:
@@ -69,11 +72,11 @@ def _aspire_voltage_for(wavelength_a: float) -> float:
 )
 def test_ctf_matches_aspire(
     box: int, defocus_u_a: float, defocus_v_a: float, angle_deg: float, voltage_kv: float, cs_mm: float,
-    q: float, bfactor_a2: float, pixel_a: float,
+    q: float, bfactor_a2: float, pixel_a: float, aspire: SimpleNamespace,
 ) -> None:
     ours = ctf_2d(box, pixel_a, defocus_u_a, defocus_v_a, angle_deg, voltage_kv, cs_mm, q, bfactor_a2=bfactor_a2)
     assert ours.shape == (1, box, box) and ours.dtype == np.float32
-    aspire_filter = aspire_operators.CTFFilter(
+    aspire_filter = aspire.operators.CTFFilter(
         voltage=_aspire_voltage_for(electron_wavelength_a(voltage_kv)),
         defocus_u=defocus_u_a,
         defocus_v=defocus_v_a,
