@@ -21,11 +21,16 @@ read back in batches with plain file reads, as a job streams them from the store
   the absent ones; the rest clustered by view direction, separately by presence), each class average the mean
   noise-free CTF-free projection of its members, then one final full pass of the classifier from those averages
   (no cap): the same metrics for the classes the particles then choose.
+- ``known_pose``: what the images themselves say about presence: the Bayes-optimal present/absent decision for
+  ``--known-pose-particles`` random particles given each one's true pose, shift and CTF (every conformation of the
+  set rendered there, scored under the simulator's white noise): error rates and the purity of the two called pools,
+  per preferred view and off-view. The gap between it and the classes' purity is what 2D classes cannot see.
 - ``aspire``: ASPIRE-Python's 2D class averaging (``DefaultClassAvgSource``: rotationally invariant features,
   nearest neighbours, BFT averaging; the K classes of lowest neighbour-distance variance) on the same
   phase-flipped images, K class averages of ``--aspire-neighbours`` neighbours each: time and the same metrics.
 
-    uv run python benchmarks/bench_classify2d.py [--cases quality aspire oracle timing] [--classifier-seed 0]
+    uv run python benchmarks/bench_classify2d.py [--cases quality aspire oracle known_pose timing]
+        [--classifier-seed 0]
 """
 
 from __future__ import annotations
@@ -234,6 +239,15 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
     return record
 
 
+def nearest_preferred_view(simulator: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's nearest preferred view (N,) int and whether it lies within ``ORACLE_VIEW_RADIUS_DEG`` (N,)."""
+    directions = simulator.ground_truth.view_directions()  # (N, 3)
+    rot, tilt = np.deg2rad(np.asarray(simulator.scenario.poses.preferred_views, dtype=np.float64).T)
+    preferred = np.stack([np.cos(rot) * np.sin(tilt), np.sin(rot) * np.sin(tilt), np.cos(tilt)], axis=1)  # (V, 3)
+    angle = np.rad2deg(np.arccos(np.clip(np.abs(directions @ preferred.T), 0.0, 1.0)))  # opposite: mirror view
+    return angle.argmin(axis=1), angle.min(axis=1) <= ORACLE_VIEW_RADIUS_DEG
+
+
 def oracle_groups(simulator: Any, n_classes: int) -> np.ndarray:
     """Ground-truth classes (N,) in [0, n_classes): see the ``oracle`` case."""
     from sklearn.cluster import KMeans  # noqa: PLC0415
@@ -241,13 +255,10 @@ def oracle_groups(simulator: Any, n_classes: int) -> np.ndarray:
     truth = simulator.ground_truth
     present = truth.domain_present.astype(bool)
     directions = truth.view_directions()  # (N, 3)
-    rot, tilt = np.deg2rad(np.asarray(simulator.scenario.poses.preferred_views, dtype=np.float64).T)
-    preferred = np.stack([np.cos(rot) * np.sin(tilt), np.sin(rot) * np.sin(tilt), np.cos(tilt)], axis=1)  # (V, 3)
-    angle = np.rad2deg(np.arccos(np.clip(np.abs(directions @ preferred.T), 0.0, 1.0)))  # opposite: mirror view
-    near, on_view = angle.argmin(axis=1), angle.min(axis=1) <= ORACLE_VIEW_RADIUS_DEG
+    near, on_view = nearest_preferred_view(simulator)
     groups = np.empty(present.size, dtype=np.int64)
     next_group = 0
-    for view in range(preferred.shape[0]):
+    for view in range(len(simulator.scenario.poses.preferred_views)):
         rows = np.flatnonzero(present & on_view & (near == view))
         hinge = truth.hinge_angle_deg[rows]
         edges = np.quantile(hinge, np.linspace(0.0, 1.0, ORACLE_HINGE_BINS + 1)[1:-1])
@@ -316,6 +327,62 @@ def run_oracle(args: argparse.Namespace, n_particles: int, n_classes: int) -> di
     }
 
 
+def run_known_pose(args: argparse.Namespace, n_particles: int) -> dict[str, Any]:
+    """The Bayes-optimal domain present/absent decision on the benchmark's noisy images, given each particle's true
+    pose, shift and CTF: how much the images themselves say about presence, with no pose or class to infer.
+
+    For particle ``x`` and every conformation ``c`` of the set (absent, or present at one hinge level), the clean
+    image ``C_c`` rendered at the particle's true pose, shift and CTF gives ``log p(x | c) = −|x − C_c|² / 2σ²``
+    (white noise of the simulator's σ, up to a constant); presence is decided by the posterior with the scenario's
+    state weights, each state's hinge levels equally likely. Run on ``--known-pose-particles`` random particles.
+    """
+    from scipy.special import logsumexp  # noqa: PLC0415
+
+    from cryostack.core.ctf import ctf_2d  # noqa: PLC0415
+    from cryostack.core.geometry import relion_origin_to_shift_px  # noqa: PLC0415
+    from cryostack.core.simulate import render_clean_images  # noqa: PLC0415
+
+    path, simulator = dataset(n_particles)
+    truth, sim_params = simulator.ground_truth, simulator.params
+    rng = np.random.default_rng(SEED)
+    rows = np.sort(rng.choice(n_particles, size=min(args.known_pose_particles, n_particles), replace=False))
+    images = StackFile(path).read(rows).astype(np.float64)  # (n, D, D)
+    ctf = ctf_2d(BOX_PX, PIXEL_SIZE_A, truth.defocus_u_a[rows], truth.defocus_v_a[rows],
+                 truth.defocus_angle_deg[rows], sim_params.voltage_kv, sim_params.cs_mm, sim_params.amplitude_contrast)
+    origins = np.stack([truth.origin_x_a[rows], truth.origin_y_a[rows]], axis=1)  # (n, 2) Å
+    shifts_px = relion_origin_to_shift_px(origins, PIXEL_SIZE_A)
+    rotations = truth.rotations(rows)
+    noise_var = simulator.noise_sigma**2
+    state_weight = {state.domain_present: state.weight for state in simulator.scenario.states}
+    levels = {flag: sum(present == flag for present, _ in simulator.conformations) for flag in state_weight}
+    log_joint: dict[bool, list[np.ndarray]] = {flag: [] for flag in state_weight}
+    for conformation, (present, _) in enumerate(simulator.conformations):
+        clean = render_clean_images(simulator._projector(conformation), rotations, ctf, shifts_px)
+        log_likelihood = -np.sum((images - clean) ** 2, axis=(1, 2)) / (2 * noise_var)  # (n,)
+        log_joint[present].append(log_likelihood + np.log(state_weight[present] / levels[present]))
+    called_present = logsumexp(np.stack(log_joint[True]), axis=0) > logsumexp(np.stack(log_joint[False]), axis=0)
+    present = truth.domain_present[rows].astype(bool)
+    near, on_view = (part[rows] for part in nearest_preferred_view(simulator))
+    groups = {f"view_{rot:g}_{tilt:g}": on_view & (near == view)
+              for view, (rot, tilt) in enumerate(simulator.scenario.poses.preferred_views)}
+    groups["off_view"] = ~on_view
+    groups["all"] = np.ones(rows.size, dtype=bool)
+
+    def errors(selected: np.ndarray) -> dict[str, float | None]:
+        truly, called = present[selected], called_present[selected]
+        return {
+            "particles": int(selected.sum()),
+            "present_called_absent": float(np.mean(~called[truly])) if truly.any() else None,
+            "absent_called_present": float(np.mean(called[~truly])) if (~truly).any() else None,
+            "purity_of_called_present": float(np.mean(truly[called])) if called.any() else None,
+            "purity_of_called_absent": float(np.mean(~truly[~called])) if (~called).any() else None,
+        }
+
+    return {"label": "known_pose", "particles": n_particles, "evaluated": int(rows.size),
+            "view_radius_deg": ORACLE_VIEW_RADIUS_DEG,
+            "groups": {name: errors(selected) for name, selected in groups.items()}}
+
+
 def run_aspire(args: argparse.Namespace, n_particles: int, n_classes: int) -> dict[str, Any]:
     """ASPIRE's class averaging on the same (phase-flipped) images, timed, with the same metrics."""
     os.chdir(tempfile.mkdtemp(prefix="aspire-"))  # ASPIRE writes its logs into the working directory
@@ -378,6 +445,8 @@ def child(args: argparse.Namespace) -> None:
         record = run_aspire(args, spec["particles"], spec["classes"])
     elif spec["kind"] == "oracle":
         record = run_oracle(args, spec["particles"], spec["classes"])
+    elif spec["kind"] == "known_pose":
+        record = run_known_pose(args, spec["particles"])
     else:
         record = run_cryostack(args, spec["particles"], spec["classes"], spec.get("cap_multiple"), spec["online"],
                                spec.get("final_full", 1), spec["quality"], spec["label"])
@@ -388,8 +457,8 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run the requested cases, each in a fresh process, and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["quality", "aspire", "oracle", "timing"],
-                        choices=["quality", "aspire", "oracle", "timing"])
+    cases = ["quality", "aspire", "oracle", "known_pose", "timing"]
+    parser.add_argument("--cases", nargs="+", default=cases, choices=cases)
     parser.add_argument("--particles", type=int, default=20_000)
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--cap-multiple", type=float, default=1.5, help="cap as a multiple of N/K (quality case)")
@@ -399,6 +468,8 @@ def main() -> None:
                         help="random seed of the cryostack classifications (the data's seed stays fixed)")
     parser.add_argument("--lowpass", type=float, default=12.0, help="low-pass (Å) before correlating with the truth")
     parser.add_argument("--aspire-neighbours", type=int, default=50)
+    parser.add_argument("--known-pose-particles", type=int, default=4000,
+                        help="random particles the known_pose case evaluates")
     parser.add_argument("--timing-particles", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--timing-classes", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--timing-online", type=int, default=2)
@@ -420,6 +491,8 @@ def main() -> None:
         specs.append({"kind": "aspire", "particles": args.particles, "classes": args.classes})
     if "oracle" in args.cases:
         specs.append({"kind": "oracle", "label": "oracle", "particles": args.particles, "classes": args.classes})
+    if "known_pose" in args.cases:
+        specs.append({"kind": "known_pose", "label": "known_pose", "particles": args.particles})
     if "timing" in args.cases:
         specs += [
             {"kind": "cryostack", "label": f"timing_{n}_{k}", "particles": n, "classes": k,
@@ -439,7 +512,8 @@ def main() -> None:
                           {s.get("label", s["kind"]) for s in specs}]
     for spec in specs:
         command = [sys.executable, __file__, "--child", json.dumps(spec), "--lowpass", str(args.lowpass),
-                   "--aspire-neighbours", str(args.aspire_neighbours), "--classifier-seed", str(args.classifier_seed)]
+                   "--aspire-neighbours", str(args.aspire_neighbours), "--classifier-seed", str(args.classifier_seed),
+                   "--known-pose-particles", str(args.known_pose_particles)]
         # The child's progress goes straight to this process's stderr; its last stdout line is the record.
         completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
