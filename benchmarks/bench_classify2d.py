@@ -334,7 +334,8 @@ def run_known_pose(args: argparse.Namespace, n_particles: int) -> dict[str, Any]
     For particle ``x`` and every conformation ``c`` of the set (absent, or present at one hinge level), the clean
     image ``C_c`` rendered at the particle's true pose, shift and CTF gives ``log p(x | c) = −|x − C_c|² / 2σ²``
     (white noise of the simulator's σ, up to a constant); presence is decided by the posterior with the scenario's
-    state weights, each state's hinge levels equally likely. Run on ``--known-pose-particles`` random particles.
+    weight of each presence spread equally over its conformations. Run on ``--known-pose-particles`` random
+    particles.
     """
     from scipy.special import logsumexp  # noqa: PLC0415
 
@@ -353,7 +354,8 @@ def run_known_pose(args: argparse.Namespace, n_particles: int) -> dict[str, Any]
     shifts_px = relion_origin_to_shift_px(origins, PIXEL_SIZE_A)
     rotations = truth.rotations(rows)
     noise_var = simulator.noise_sigma**2
-    state_weight = {state.domain_present: state.weight for state in simulator.scenario.states}
+    state_weight = {flag: sum(s.weight for s in simulator.scenario.states if s.domain_present == flag)
+                    for flag in (True, False)}
     levels = {flag: sum(present == flag for present, _ in simulator.conformations) for flag in state_weight}
     log_joint: dict[bool, list[np.ndarray]] = {flag: [] for flag in state_weight}
     for conformation, (present, _) in enumerate(simulator.conformations):
