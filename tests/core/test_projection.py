@@ -35,8 +35,10 @@ from cryostack.core.geometry import (
 )
 from cryostack.core.projection import (
     FourierAccumulator,
+    FourierAccumulator2D,
     Projector,
     Projector2D,
+    _merge_equal_poses,
     backproject,
     backrotate_2d,
 )
@@ -142,6 +144,49 @@ def test_accumulator_insert_is_linear_and_additive() -> None:
     # Every slice passes through the origin with trilinear weight 1.
     centre = whole.padded_box_px // 2
     assert weight_whole[centre, centre, centre] == pytest.approx(weights[:, box // 2, box // 2].sum(), rel=1e-6)
+
+
+def _insert_2d_with_repeated_poses(xp: object, rng: np.random.Generator, subset: bool) -> tuple[object, object]:
+    """12 rows at 3 classes × 2 angles, each pair repeated twice: sums inserted at once, and per row on its own."""
+    box = 14
+    count = 12
+    classes = np.array([0, 2, 1, 0, 2, 1, 0, 2, 1, 0, 1, 2])
+    angles = np.array([30.0, 30.0, 30.0, 30.0, 75.5, 75.5, 30.0, 75.5, 75.5, 75.5, 30.0, 30.0])
+    coefficients = np.flatnonzero(rng.random(box * box) < 0.6) if subset else None
+    width = (box, box) if coefficients is None else (coefficients.size,)
+    slices = _complex_noise(rng, (count,) + width)
+    weights = rng.random((count,) + width).astype(np.float32)
+    rotations = rotation_matrix_2d(angles)
+    merged, single = FourierAccumulator2D(3, box, xp=xp), FourierAccumulator2D(3, box, xp=xp)
+    merged.insert(xp.asarray(slices), xp.asarray(rotations), xp.asarray(classes), xp.asarray(weights),
+                  coefficients=coefficients)
+    for row in range(count):
+        single.insert(xp.asarray(slices[row : row + 1]), xp.asarray(rotations[row : row + 1]),
+                      xp.asarray(classes[row : row + 1]), xp.asarray(weights[row : row + 1]),
+                      coefficients=coefficients)
+    return merged.padded_sums(), single.padded_sums()
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_2d_insertions_sharing_a_pose_are_summed_before_interpolation(subset: bool) -> None:
+    (data_merged, weight_merged), (data_single, weight_single) = _insert_2d_with_repeated_poses(
+        np, np.random.default_rng(9), subset
+    )
+    np.testing.assert_allclose(data_merged, data_single, atol=1e-5 * np.abs(data_single).max())
+    np.testing.assert_allclose(weight_merged, weight_single, atol=1e-5 * weight_single.max())
+    # Every class received rows (the comparison is not between empty accumulators).
+    assert np.all(weight_single.reshape(3, -1).max(axis=1) > 0.5)
+
+
+def test_2d_rows_sharing_a_class_and_matrix_merge_into_one() -> None:
+    classes = np.array([0, 2, 1, 0, 2, 1, 0, 2, 1, 0, 1, 2])
+    rotations = rotation_matrix_2d(np.array([30.0, 30, 30, 30, 75.5, 75.5, 30, 75.5, 75.5, 75.5, 30, 30]))
+    values = np.arange(12, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)  # row r holds r
+    (merged,), pair_rotations, pair_classes = _merge_equal_poses([values], rotations, classes)
+    pairs = {(int(c), round(float(np.degrees(np.arctan2(r[0, 1], r[0, 0]))), 1)): float(v[0])
+             for c, r, v in zip(pair_classes, pair_rotations, merged, strict=True)}
+    assert pairs == {(0, 30.0): 0 + 3 + 6, (2, 30.0): 1 + 11, (1, 30.0): 2 + 10, (2, 75.5): 4 + 7,
+                     (1, 75.5): 5 + 8, (0, 75.5): 9}
 
 
 def test_in_plane_rotation_reproduces_the_psi_of_relion_angles() -> None:
@@ -263,3 +308,7 @@ def test_cupy_matches_numpy() -> None:
         Projector2D(images).rotate(angles),
         atol=1e-5 * np.abs(fft2_centered(images)).max(),
     )
+    (data_merged, weight_merged), (data_single, weight_single) = _insert_2d_with_repeated_poses(cupy, rng, True)
+    data_single, weight_single = cupy.asnumpy(data_single), cupy.asnumpy(weight_single)
+    np.testing.assert_allclose(cupy.asnumpy(data_merged), data_single, atol=1e-5 * np.abs(data_single).max())
+    np.testing.assert_allclose(cupy.asnumpy(weight_merged), weight_single, atol=1e-5 * weight_single.max())

@@ -43,6 +43,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 
 from cryostack.core.backend import array_module, to_host
 from cryostack.core.fourier import (
@@ -232,6 +233,43 @@ def _scatter(
         w = weight.ravel()
         for acc, vals in zip(accumulators, values, strict=True):
             _scatter_add(acc[offset:], lin, vals.ravel() * w)
+
+
+def _merge_equal_poses(values: list[Any], rotations: Any, class_index: Any) -> tuple[list[Any], Any, Any]:
+    """Rows of ``values`` (each (M, ...)) that share a class and a rotation, summed into one row per pair.
+
+    Interpolation is linear, so inserting such a sum once adds what inserting its rows would (to float32 rounding)
+    with one scatter instead of many. Returns the merged values (G, ...) and the rotations (G, 2, 2) and classes
+    (G,) of the pairs, or the inputs unchanged when every row has a pair of its own.
+    """
+    xp = array_module(rotations)
+    keys = np.concatenate([to_host(class_index)[:, None].astype(np.float64), to_host(rotations).reshape(-1, 4)], 1)
+    order = np.lexsort(keys.T[::-1])  # by class, then by the matrix entries
+    ordered = keys[order]
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+    starts = np.flatnonzero(first)  # (G,) position of each pair's first row in ``order``
+    if starts.size == order.size:
+        return values, rotations, class_index
+    group = np.cumsum(first) - 1  # (M,) pair of each row of ``order``
+    merged = []
+    for v in values:
+        rows = v.reshape(order.size, -1)
+        if xp is np:
+            # A sparse (G, M) 0/1 matrix sums the rows of each pair: a few times faster than reduceat here.
+            summing = scipy.sparse.csr_matrix(
+                (np.ones(order.size, dtype=np.float32), (group, order)), shape=(starts.size, order.size)
+            )
+            real_rows = np.ascontiguousarray(rows).view(np.float32)  # complex rows as interleaved (re, im)
+            out = np.asarray(summing @ real_rows).view(v.dtype)
+        else:
+            width = rows.shape[1]
+            out = xp.zeros((starts.size, width), dtype=v.dtype)
+            index = xp.asarray(group)[:, None] * width + xp.arange(width)[None, :]  # (M, W) flat positions
+            _scatter_add(out.ravel(), index.ravel(), rows[xp.asarray(order)].ravel())
+        merged.append(out.reshape((starts.size,) + v.shape[1:]))
+    representative = xp.asarray(order[starts])
+    return merged, rotations[representative], class_index[representative]
 
 
 def _chunks(count: int, per_item: int, chunk_elements: int) -> list[slice]:
@@ -582,7 +620,10 @@ class FourierAccumulator2D:
         coefficients: Any = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
-        """Add image transforms (N, D, D)/(N, C) at in-plane matrices (N, 2, 2) into classes (N,) int."""
+        """Add image transforms (N, D, D)/(N, C) at in-plane matrices (N, 2, 2) into classes (N,) int.
+
+        Rows that share a class and a matrix are summed and interpolated once.
+        """
         xp = self.xp
         rotations = _check_rotations(xp.asarray(rotations), 2)
         slices = xp.asarray(slices)
@@ -595,17 +636,19 @@ class FourierAccumulator2D:
         use_weights = slice_weights is not None
         if use_weights and self.weight is None:
             raise InvalidArgumentError("slice_weights", "this accumulator keeps no weights")
+        values = [slices.astype(np.complex64, copy=False)]
         if use_weights:
-            slice_weights = xp.broadcast_to(xp.asarray(slice_weights, dtype=np.float32), slices.shape)
+            values.append(xp.broadcast_to(xp.asarray(slice_weights, dtype=np.float32), slices.shape))
+        if slices.shape[0] > 1:
+            values, rotations, class_index = _merge_equal_poses(values, rotations, class_index)
         n_direct = int(plan.kx.size)
         offsets = class_index * self._ext**2
+        accs = [self.data, self.weight] if use_weights else [self.data]
         for chunk in _chunks(rotations.shape[0], n_direct, chunk_elements):
             pos = _positions(plan.kx, plan.ky, rotations[chunk], self.pad_factor, self.padded_box_px, 2)
-            accs = [self.data]
-            vals = [_fold(plan, slices[chunk].astype(np.complex64, copy=False), conjugate=True)]
+            vals = [_fold(plan, values[0][chunk], conjugate=True)]
             if use_weights:
-                accs.append(self.weight)
-                vals.append(_fold(plan, slice_weights[chunk], conjugate=False))
+                vals.append(_fold(plan, values[1][chunk], conjugate=False))
             _scatter(accs, vals, self._ext, pos, offsets[chunk])
 
     def insert_at(

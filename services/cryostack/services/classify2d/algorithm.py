@@ -999,9 +999,15 @@ class Classifier2D:
     def _insert(
         self, reconstructors: list[Reconstructor2D], batch: _Batch, alignment: _Alignment, weights: np.ndarray
     ) -> None:
-        """Insert each particle into every class it belongs to with weight >= MIN_INSERT_WEIGHT, at its pose(s)."""
+        """Insert each particle into every class it belongs to with weight >= MIN_INSERT_WEIGHT, at its pose(s).
+
+        Insertions are ordered by half-set, class and angle, so that each chunk's insertions at a common pose are
+        summed by the accumulator and interpolated once.
+        """
         xp = self.xp
         member, cls, angle, shift, weight = _insertions(alignment, weights)
+        order = np.lexsort((angle, cls, batch.half[member]))
+        member, cls, angle, shift, weight = member[order], cls[order], angle[order], shift[order], weight[order]
         flat = self.coefficients.flat[: batch.coefficients.shape[1]]
         for start in range(0, member.size, _INSERT_CHUNK):
             chunk = slice(start, start + _INSERT_CHUNK)
