@@ -26,7 +26,8 @@ Fourier accumulators and returns their folded, Hermitian-symmetrised sums.
 
 2D. :class:`Projector2D` rotates the transforms of K real images (class averages) by in-plane rotations
 (bilinear interpolation from a 2x-padded transform with the 2D gridding correction), with the adjoint
-:func:`backrotate_2d` and the per-class accumulator :class:`FourierAccumulator2D`.
+:func:`backrotate_2d` and the per-class accumulator :class:`FourierAccumulator2D`, which sums the rows of an insertion
+that share a class and a rotation before interpolating them (the interpolation is linear).
 
 Coefficient subsets. Every method takes ``coefficients``: ``None`` for the full D×D grid, a boolean (D, D) mask,
 or flat indices (C,) into the centred D×D grid; with a subset, slices are (M, C) in that order.
