@@ -38,6 +38,7 @@ from cryostack.core.projection import (
     FourierAccumulator2D,
     Projector,
     Projector2D,
+    _make_plan,
     _merge_equal_poses,
     backproject,
     backrotate_2d,
@@ -187,6 +188,30 @@ def test_2d_rows_sharing_a_class_and_matrix_merge_into_one() -> None:
              for c, r, v in zip(pair_classes, pair_rotations, merged, strict=True)}
     assert pairs == {(0, 30.0): 0 + 3 + 6, (2, 30.0): 1 + 11, (1, 30.0): 2 + 10, (2, 75.5): 4 + 7,
                      (1, 75.5): 5 + 8, (0, 75.5): 9}
+
+
+@pytest.mark.parametrize(("box", "subset"), [(17, False), (16, True)])
+def test_2d_rotation_on_a_quarter_turn_grid_equals_each_angle_on_its_own(box: int, subset: bool) -> None:
+    rng = np.random.default_rng(10)
+    images = rng.standard_normal((3, box, box)).astype(np.float32)
+    ky, kx = np.divmod(np.arange(box * box), box) - np.array(box // 2)
+    coefficients = np.flatnonzero(4 * (kx**2 + ky**2) <= (box - 4) ** 2) if subset else None
+    angles = np.arange(12) * 30.0 + 7.0  # four quarter-turned copies of 7°, 37°, 67°
+    projector = Projector2D(images)
+    assert _make_plan(box, coefficients, np).quarter_turn is not None
+    together = projector.rotate(rotation_matrix_2d(angles), coefficients=coefficients)
+    alone = np.concatenate(
+        [projector.rotate(rotation_matrix_2d(angles[j : j + 1]), coefficients=coefficients) for j in range(12)], 1
+    )
+    np.testing.assert_allclose(together, alone, atol=1e-5 * np.abs(alone).max())
+    # Rotating a rotated image back by a quarter turn: the coefficients move, not just the order of the rows.
+    assert np.abs(together[:, 3] - together[:, 0]).max() > 0.1 * np.abs(alone).max()
+
+
+def test_an_even_full_grid_is_not_closed_under_quarter_turns() -> None:
+    # (kx, ky) = (0, -8) turns into (8, 0), outside the 16-grid: the full even grid is interpolated angle by angle.
+    assert _make_plan(16, None, np).quarter_turn is None
+    assert _make_plan(17, None, np).quarter_turn is not None
 
 
 def test_in_plane_rotation_reproduces_the_psi_of_relion_angles() -> None:

@@ -84,6 +84,9 @@ class _SlicePlan:
     direct: Any  # (S,) positions in the request of the directly interpolated coefficients
     fold_mate: Any  # (S,) position in the request of each one's Friedel mate, or C when it has none
     full_grid: bool
+    # (C,) position in the request of (−ky, kx) = A(90°)ᵀk for each coefficient k, or None when the request does not
+    # hold every such image: a slice at A·A(90°) is then the slice at A taken at these positions.
+    quarter_turn: Any
 
 
 def _make_plan(box_px: int, coefficients: Any, xp: ModuleType) -> _SlicePlan:
@@ -127,6 +130,10 @@ def _build_plan(box_px: int, coefficients: Any, xp: ModuleType) -> _SlicePlan:
     expand_index[mirror_dst] = n_direct + slot_of[mate_pos[mirror_dst]]
     fold_mate = np.full(n_direct, flat.size, dtype=np.int64)
     fold_mate[slot_of[mate_pos[mirror_dst]]] = mirror_dst
+    turned_y, turned_x = kx + half, -ky + half
+    turned_in_box = (turned_x >= 0) & (turned_x < box_px)  # turned_y = kx + half always lies in the box
+    turned_pos = np.where(turned_in_box, pos_of[np.clip(turned_y * box_px + turned_x, 0, box_px * box_px - 1)], -1)
+    quarter_turn = xp.asarray(turned_pos) if bool(np.all(turned_pos >= 0)) else None
     return _SlicePlan(
         box_px=box_px,
         n_coefficients=int(flat.size),
@@ -136,6 +143,7 @@ def _build_plan(box_px: int, coefficients: Any, xp: ModuleType) -> _SlicePlan:
         direct=xp.asarray(direct),
         fold_mate=xp.asarray(fold_mate),
         full_grid=full,
+        quarter_turn=quarter_turn,
     )
 
 
@@ -551,16 +559,43 @@ class Projector2D:
     def rotate(
         self, rotations: Any, coefficients: Any = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     ) -> Any:
-        """Transforms sampled at ``Aᵀ k`` for matrices (R, 2, 2): (K, R, D, D) complex64, or (K, R, C)."""
+        """Transforms sampled at ``Aᵀ k`` for matrices (R, 2, 2): (K, R, D, D) complex64, or (K, R, C).
+
+        When the matrices are four quarter-turned copies of their first quarter (``A_{j + R/4} = A_j·A(90°)``, as on a
+        uniform angle grid with R divisible by 4) and the coefficients hold every quarter-turned frequency, only
+        the first quarter is interpolated; the others are the same samples, permuted.
+        """
         xp = self.xp
         rotations = _check_rotations(xp.asarray(rotations), 2)
         plan = _make_plan(self.box_px, coefficients, xp)
+        quarter = _quarter_turn_count(rotations)
+        if plan.quarter_turn is not None and quarter:
+            first = self.rotate(rotations[:quarter], coefficients, chunk_elements)
+            flat_first = first.reshape(first.shape[:2] + (-1,))  # (K, R/4, C)
+            out = xp.empty((self.n_images, 4 * quarter, flat_first.shape[-1]), dtype=np.complex64)
+            out[:, :quarter] = flat_first
+            for turn in range(1, 4):
+                previous = out[:, (turn - 1) * quarter : turn * quarter]
+                out[:, turn * quarter : (turn + 1) * quarter] = xp.take(previous, plan.quarter_turn, axis=-1)
+            return out.reshape((self.n_images, 4 * quarter) + first.shape[2:])
         n_direct = int(plan.kx.size)
         values = xp.empty((self.n_images, rotations.shape[0], n_direct), dtype=np.complex64)  # (K, R, S)
         for chunk in _chunks(rotations.shape[0], n_direct * self.n_images, chunk_elements):
             pos = _positions(plan.kx, plan.ky, rotations[chunk], self.pad_factor, self.padded_box_px, 2)
             values[:, chunk] = _gather(self._table, self._ext, pos)
         return _expand(plan, values)
+
+
+def _quarter_turn_count(rotations: Any) -> int:
+    """R / 4 when in-plane matrices (R, 2, 2) are their first quarter followed by three quarter-turned copies of the
+    quarter before (``A_{j + R/4} = A_j·A(90°)``, to float32 rounding), else 0."""
+    count = rotations.shape[0]
+    if count < 4 or count % 4:
+        return 0
+    quarter = count // 4
+    host = to_host(rotations).astype(np.float64)
+    turn = np.array([[0.0, 1.0], [-1.0, 0.0]])  # rotation_matrix_2d(90°)
+    return quarter if np.allclose(host[quarter:], host[:-quarter] @ turn, rtol=0.0, atol=1e-6) else 0
 
 
 def backrotate_2d(
