@@ -10,6 +10,7 @@
 - ``start_embedded_store`` (function): starts extra stores of a test's own (for outage tests); stopped at teardown.
 - ``shared_data_dir`` (session): the public test data (``/work/shared/data`` beside the repository, or
   ``CRYOSTACK_TEST_DATA_DIR``); tests that need it are skipped with a reason when it is absent.
+- ``upload_real_set`` (function): uploads one of :data:`REAL_SETS` of the shared data into the test's bucket.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from cryostack.io.uri import S3Uri
 
 TEST_BUCKET_PREFIX = "cryostack-test-"
 DATA_DIR_ENV = "CRYOSTACK_TEST_DATA_DIR"
+# The real particle sets of the shared data (see its README): STAR file and the stack it refers to.
+REAL_SETS = {
+    "relion31": ("relion31.star", "relion31.mrcs"),
+    "relion30": ("empiar_10076_7.star", "empiar_10076_7.mrc"),
+    "aspire17": ("sample_particles_relion31.star", "sample.mrcs"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +110,19 @@ def shared_data_dir() -> Path:
     if not (folder / "README.md").is_file():
         pytest.skip(f"public test data not found at {folder} (set {DATA_DIR_ENV})")
     return folder
+
+
+@pytest.fixture
+def upload_real_set(
+    object_store: ObjectStore, bucket_uri: S3Uri, shared_data_dir: Path
+) -> Callable[[str], tuple[S3Uri, Path, Path]]:
+    """Upload one of REAL_SETS under ``<bucket>/<name>/``; returns (STAR URI, local STAR path, local stack path)."""
+
+    def upload(name: str) -> tuple[S3Uri, Path, Path]:
+        star_name, stack_name = REAL_SETS[name]
+        folder = shared_data_dir / "real-particles"
+        for file_name in (star_name, stack_name):
+            object_store.put_bytes(bucket_uri.join(name, file_name), (folder / file_name).read_bytes())
+        return bucket_uri.join(name, star_name), folder / star_name, folder / stack_name
+
+    return upload

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 
 from cryostack.classify2d.v1 import classify2d_pb2
@@ -160,3 +161,44 @@ def test_interrupted_job_resumes_on_another_replica_and_ends_as_an_uninterrupted
     assert resumed_table.particles.equals(reference_table.particles)
     averages = [object_store.get_bytes(result.class_averages_uri) for result in results]
     assert averages[0] == averages[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "n_particles", "box_px", "pixel_size_a"),
+    [
+        ("aspire17", 17, 200, 1.4),  # RELION 3.1, two optics groups (300 and 200 kV), old rlnClassNumber/rlnAnglePsi
+        ("relion30", 7, 320, 5.0 * 1e4 / 38168),  # RELION 3.0: pixel size from detector pixel and magnification
+    ],
+)
+def test_real_particle_sets_classify_and_keep_their_metadata(
+    start_server: Callable, upload_real_set: Callable, bucket: str, object_store: ObjectStore,
+    name: str, n_particles: int, box_px: int, pixel_size_a: float,
+) -> None:
+    star_uri, _, _ = upload_real_set(name)
+    source = read_star(object_store, star_uri)
+    _, client = start_server()
+    cap = n_particles // 2 + 1
+    request = _request(name, str(star_uri), f"s3://{bucket}/out", class_count=2, max_particles_per_class_count=cap,
+                       max_resolution_a=20.0, batch_size_per_class=10)
+
+    job = client.wait(client.submit(SUBMIT, request).name, timeout_s=300)
+
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error.message
+    result = classify2d_pb2.Classify2DResult()
+    job.result.Unpack(result)
+    counts = [c.particle_count for c in result.classes]
+    assert result.particle_count == n_particles and sum(counts) == n_particles and max(counts) <= cap
+    output = read_star(object_store, result.particles_uri)
+    written = {"rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnMaxValueProbDistribution"}
+    kept = [column for column in source.particles.columns if column not in written]
+    assert kept  # image names, CTF, coordinates, optics groups: as they came (STAR keeps 10 significant digits)
+    pd.testing.assert_frame_equal(output.particles[kept], source.particles[kept], check_exact=False, rtol=1e-9)
+    pd.testing.assert_frame_equal(output.optics, source.optics, check_exact=False, rtol=1e-9)
+    np.testing.assert_array_equal(np.bincount(output.column("rlnClassNumber").astype(int), minlength=3)[1:], counts)
+    psi = output.column("rlnAnglePsi").astype(float)
+    assert np.all((psi >= -180.0) & (psi < 180.0))
+    probability = output.column("rlnMaxValueProbDistribution").astype(float)
+    assert np.all((probability > 0.0) & (probability <= 1.0))
+    averages = read_mrc(object_store, result.class_averages_uri)
+    assert averages.data.shape == (2, box_px, box_px) and np.all(np.isfinite(averages.data))
+    assert averages.header.voxel_size_a[0] == pytest.approx(pixel_size_a, rel=1e-4)

@@ -90,7 +90,7 @@ def test_cli_starts_reports_and_stops_the_store(tmp_path):
     assert file_values["CRYOSTACK_S3_ENDPOINT"] == printed["CRYOSTACK_S3_ENDPOINT"]
 
     evaluated = subprocess.run(
-        ["bash", "-c", f'eval "$1"; printf %s "$CRYOSTACK_S3_SECRET_KEY"', "_", started.stdout],
+        ["bash", "-c", 'eval "$1"; printf %s "$CRYOSTACK_S3_SECRET_KEY"', "_", started.stdout],
         capture_output=True, text=True, timeout=30, check=True,
     )
     assert evaluated.stdout == secret  # the printed lines configure a shell
