@@ -74,11 +74,19 @@ def test_job_runs_through_grpc_and_writes_every_output(
     request = _request("capped", particles_uri, f"s3://{bucket}/out", max_particles_per_class_mean_multiple=1.5)
 
     job = client.submit(SUBMIT, request)
-    iterations = [update.progress.iteration for update in client.watch(job.name, timeout_s=300)]
+    progress = [update.progress for update in client.watch(job.name, timeout_s=300)]
     job = client.get(job.name)
 
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error.message
-    assert max(iterations) == 4  # 3 online + 1 full
+    assert max(p.iteration for p in progress) == 4  # 3 online + 1 full
+    # Every iteration reports particles seen, the resolution and the occupancy summary; the last one the full pass.
+    per_iteration = {p.iteration: p for p in progress if p.iteration > 0}
+    seen = [per_iteration[i].summary["particles_seen"] for i in sorted(per_iteration)]
+    assert seen == sorted(seen) and seen[-1] - seen[-2] == N_PARTICLES
+    last = per_iteration[4]
+    assert last.total_iterations == 4 and 12.0 <= last.current_resolution_a < 100.0
+    assert {"classes_below_one_particle", "smallest_class", "largest_class"} <= set(last.summary)
+    assert 0 <= last.summary["smallest_class"] <= last.summary["largest_class"] <= 120
     result = classify2d_pb2.Classify2DResult()
     job.result.Unpack(result)
     assert result.particle_count == N_PARTICLES
@@ -120,6 +128,23 @@ def test_bad_parameters_are_invalid_argument_and_write_nothing(
     assert field in caught.value.details()
     assert object_store.list(f"s3://{bucket}/jobs/") == []
     assert object_store.list(f"s3://{bucket}/out/") == []
+
+
+def test_a_cancelled_job_stops_and_publishes_nothing(
+    start_server: Callable, particles_uri: str, bucket: str, object_store: ObjectStore
+) -> None:
+    _, client = start_server()
+    job = client.submit(SUBMIT, _request("cancelled", particles_uri, f"s3://{bucket}/out", online_em_iterations=200))
+    for update in client.watch(job.name, timeout_s=300):
+        if update.progress.iteration >= 2:
+            client.cancel(job.name)
+            break
+    job = client.wait(job.name, timeout_s=300)
+
+    assert job.state == jobs_pb2.JOB_STATE_CANCELLED
+    assert 2 <= job.progress.iteration < 200
+    assert not object_store.exists(f"{job.outputs_uri}manifest.json")
+    assert object_store.list(f"s3://{bucket}/out/") == []  # no output written, partial or whole
 
 
 def test_missing_particle_set_is_not_found(start_server: Callable, bucket: str, object_store: ObjectStore) -> None:
