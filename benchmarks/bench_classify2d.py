@@ -10,6 +10,9 @@ read back in batches with plain file reads, as a job streams them from the store
   noise-free ground-truth projection (the CTF-free projections at the true view and conformation of up to 12 of its
   members, psi free: best in-plane rotation and translation, both low-passed to ``--lowpass`` Å, inside the
   particle mask), per-class purity of domain present/absent, and the montage PNG.
+- ``cap_sweep``: the capped quality run at each cap multiple of ``--sweep-multiples`` (1.0, 1.2, 1.5, 2.0 × N/K)
+  and classifier seed of ``--sweep-seeds`` (0, 1, 2): how the choice of cap moves occupancy and purity, and how much
+  of that is the seed.
 - ``timing``: wall time, particles/s (particle × iteration evaluations per second), peak RSS for N in
   ``--timing-particles`` and K in ``--timing-classes``, with the schedule reduced to ``--timing-online`` online
   iterations + 1 full pass; the full-schedule time is extrapolated from the measured per-iteration times.
@@ -29,7 +32,7 @@ read back in batches with plain file reads, as a job streams them from the store
   nearest neighbours, BFT averaging; the K classes of lowest neighbour-distance variance) on the same
   phase-flipped images, K class averages of ``--aspire-neighbours`` neighbours each: time and the same metrics.
 
-    uv run python benchmarks/bench_classify2d.py [--cases quality aspire oracle known_pose timing]
+    uv run python benchmarks/bench_classify2d.py [--cases quality aspire oracle known_pose timing cap_sweep]
         [--classifier-seed 0]
 """
 
@@ -459,8 +462,9 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run the requested cases, each in a fresh process, and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cases = ["quality", "aspire", "oracle", "known_pose", "timing"]
-    parser.add_argument("--cases", nargs="+", default=cases, choices=cases)
+    cases = ["quality", "aspire", "oracle", "known_pose", "timing", "cap_sweep"]
+    parser.add_argument("--cases", nargs="+", default=cases[:-1], choices=cases,
+                        help="default: all but cap_sweep (twelve full runs)")
     parser.add_argument("--particles", type=int, default=20_000)
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--cap-multiple", type=float, default=1.5, help="cap as a multiple of N/K (quality case)")
@@ -475,6 +479,8 @@ def main() -> None:
     parser.add_argument("--timing-particles", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--timing-classes", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--timing-online", type=int, default=2)
+    parser.add_argument("--sweep-multiples", type=float, nargs="+", default=[1.0, 1.2, 1.5, 2.0])
+    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -501,6 +507,13 @@ def main() -> None:
              "online": args.timing_online, "quality": False}
             for n in args.timing_particles for k in args.timing_classes
         ]
+    if "cap_sweep" in args.cases:
+        specs += [
+            {"kind": "cryostack", "label": f"cap_sweep_{multiple:g}_seed{seed}", "particles": args.particles,
+             "classes": args.classes, "online": args.online, "final_full": args.final_full, "quality": True,
+             "cap_multiple": multiple, "classifier_seed": seed}
+            for multiple in args.sweep_multiples for seed in args.sweep_seeds
+        ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "benchmark": "classify2d",
@@ -514,7 +527,8 @@ def main() -> None:
                           {s.get("label", s["kind"]) for s in specs}]
     for spec in specs:
         command = [sys.executable, __file__, "--child", json.dumps(spec), "--lowpass", str(args.lowpass),
-                   "--aspire-neighbours", str(args.aspire_neighbours), "--classifier-seed", str(args.classifier_seed),
+                   "--aspire-neighbours", str(args.aspire_neighbours), "--classifier-seed",
+                   str(spec.get("classifier_seed", args.classifier_seed)),
                    "--known-pose-particles", str(args.known_pose_particles)]
         # The child's progress goes straight to this process's stderr; its last stdout line is the record.
         completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
