@@ -11,6 +11,7 @@
 - ``shared_data_dir`` (session): the public test data (``/work/shared/data`` beside the repository, or
   ``CRYOSTACK_TEST_DATA_DIR``); tests that need it are skipped with a reason when it is absent.
 - ``upload_real_set`` (function): uploads one of :data:`REAL_SETS` of the shared data into the test's bucket.
+- ``cancel_at_iteration`` (function): follows a job until it reports an iteration, cancels it, returns it finished.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from cryostack.config import ObjectStoreSettings, StageAddresses
 from cryostack.io.embedded import EmbeddedStore
 from cryostack.io.objectstore import ObjectStore
 from cryostack.io.uri import S3Uri
+from cryostack.jobs.v1 import jobs_pb2
+from cryostack.runtime.client import JobClient
 
 TEST_BUCKET_PREFIX = "cryostack-test-"
 DATA_DIR_ENV = "CRYOSTACK_TEST_DATA_DIR"
@@ -126,3 +129,17 @@ def upload_real_set(
         return bucket_uri.join(name, star_name), folder / star_name, folder / stack_name
 
     return upload
+
+
+@pytest.fixture
+def cancel_at_iteration() -> Callable[[JobClient, str, int], jobs_pb2.Job]:
+    """A function that follows job ``name`` until it reports ``iteration``, cancels it and returns the finished job."""
+
+    def cancel(client: JobClient, name: str, iteration: int) -> jobs_pb2.Job:
+        for update in client.watch(name, timeout_s=300):
+            if update.progress.iteration >= iteration:
+                client.cancel(name)
+                break
+        return client.wait(name, timeout_s=300)
+
+    return cancel

@@ -131,15 +131,11 @@ def test_bad_parameters_are_invalid_argument_and_write_nothing(
 
 
 def test_a_cancelled_job_stops_and_publishes_nothing(
-    start_server: Callable, particles_uri: str, bucket: str, object_store: ObjectStore
+    start_server: Callable, cancel_at_iteration: Callable, particles_uri: str, bucket: str, object_store: ObjectStore
 ) -> None:
     _, client = start_server()
     job = client.submit(SUBMIT, _request("cancelled", particles_uri, f"s3://{bucket}/out", online_em_iterations=200))
-    for update in client.watch(job.name, timeout_s=300):
-        if update.progress.iteration >= 2:
-            client.cancel(job.name)
-            break
-    job = client.wait(job.name, timeout_s=300)
+    job = cancel_at_iteration(client, job.name, 2)
 
     assert job.state == jobs_pb2.JOB_STATE_CANCELLED
     assert 2 <= job.progress.iteration < 200
