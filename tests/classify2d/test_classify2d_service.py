@@ -17,7 +17,7 @@ from cryostack.core.simulate import ParticleSimulator, SimulationParameters, sce
 from cryostack.io.dataset import write_simulated_dataset
 from cryostack.io.mrc import read_mrc
 from cryostack.io.objectstore import ObjectStore
-from cryostack.io.star import read_star
+from cryostack.io.star import ParticleTable, read_star, write_star
 from cryostack.jobs.v1 import jobs_pb2
 from cryostack.runtime import CryostackServer, JobRunner, JobStore, create_server
 from cryostack.runtime.client import JobClient, submit_method
@@ -39,11 +39,11 @@ def particles_uri(object_store: ObjectStore, bucket: str) -> str:
 
 @pytest.fixture
 def start_server(object_store: ObjectStore, bucket: str) -> Iterator[Callable[[], tuple[CryostackServer, JobClient]]]:
-    """Start in-process classify2d replicas sharing the test bucket's job store."""
+    """Start in-process classify2d replicas sharing the test bucket's job store (keyword arguments: service limits)."""
     started: list[tuple[CryostackServer, JobClient]] = []
 
-    def start() -> tuple[CryostackServer, JobClient]:
-        settings = ServiceSettings(jobs_uri=f"s3://{bucket}/jobs", max_workers=1)
+    def start(**limits: int) -> tuple[CryostackServer, JobClient]:
+        settings = ServiceSettings(jobs_uri=f"s3://{bucket}/jobs", max_workers=1, **limits)
         runner = JobRunner(JobStore(object_store, settings.jobs_uri), settings, **RUNNER_TIMINGS)
         server, port = create_server(settings, runner, register)
         server.start()
@@ -126,6 +126,48 @@ def test_bad_parameters_are_invalid_argument_and_write_nothing(
         client.submit(SUBMIT, _request("bad", particles_uri, f"s3://{bucket}/out", **parameters))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.details()
+    assert object_store.list(f"s3://{bucket}/jobs/") == []
+    assert object_store.list(f"s3://{bucket}/out/") == []
+
+
+@pytest.mark.parametrize(
+    ("limits", "field", "reason"),
+    [
+        ({"max_box_size_px": 16}, "particles_uri", "box 32 exceeds this service's limit 16"),
+        ({"max_particles": 100}, "particles_uri", "240 particles exceed this service's limit 100"),
+        ({"max_classes": 2}, "parameters.class_count", "3 exceeds this service's limit 2"),
+    ],
+)
+def test_requests_beyond_the_service_limits_are_invalid_argument_and_write_nothing(
+    start_server: Callable, particles_uri: str, bucket: str, object_store: ObjectStore, limits: dict, field: str,
+    reason: str,
+) -> None:
+    _, client = start_server(**limits)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.submit(SUBMIT, _request("limits", particles_uri, f"s3://{bucket}/out"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in caught.value.details() and reason in caught.value.details()
+    assert object_store.list(f"s3://{bucket}/jobs/") == []
+    assert object_store.list(f"s3://{bucket}/out/") == []
+
+
+def test_a_set_of_two_pixel_sizes_is_invalid_argument(
+    start_server: Callable, particles_uri: str, bucket: str, object_store: ObjectStore
+) -> None:
+    table = read_star(object_store, particles_uri)
+    second_group = table.optics.assign(rlnOpticsGroup=2, rlnOpticsGroupName="coarser",
+                                       rlnImagePixelSize=table.optics["rlnImagePixelSize"] * 1.05)
+    mixed = ParticleTable(
+        optics=pd.concat([table.optics, second_group], ignore_index=True),
+        particles=table.particles.assign(rlnOpticsGroup=np.arange(len(table)) % 2 + 1),
+    )
+    mixed_uri = f"s3://{bucket}/data/mixed.star"
+    write_star(object_store, mixed_uri, mixed)
+    _, client = start_server()
+    with pytest.raises(grpc.RpcError) as caught:
+        client.submit(SUBMIT, _request("mixed", mixed_uri, f"s3://{bucket}/out"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "particles_uri" in caught.value.details() and "2 different pixel sizes" in caught.value.details()
     assert object_store.list(f"s3://{bucket}/jobs/") == []
     assert object_store.list(f"s3://{bucket}/out/") == []
 
