@@ -13,6 +13,8 @@ read back in batches with plain file reads, as a job streams them from the store
 - ``cap_sweep``: the capped quality run at each cap multiple of ``--sweep-multiples`` (1.0, 1.2, 1.5, 2.0 × N/K)
   and classifier seed of ``--sweep-seeds`` (0, 1, 2): how the choice of cap moves occupancy and purity, and how much
   of that is the seed.
+- ``snr_sweep``: the quality runs, without and with the cap, on the same scenario simulated at each SNR of
+  ``--sweep-snrs`` (0.03 … 1.0): where the per-class purity bar is data-limited and where it is not.
 - ``timing``: wall time, particles/s (particle × iteration evaluations per second), peak RSS for N in
   ``--timing-particles`` and K in ``--timing-classes``, with the schedule reduced to ``--timing-online`` online
   iterations + 1 full pass; the full-schedule time is extrapolated from the measured per-iteration times.
@@ -32,7 +34,7 @@ read back in batches with plain file reads, as a job streams them from the store
   nearest neighbours, BFT averaging; the K classes of lowest neighbour-distance variance) on the same
   phase-flipped images, K class averages of ``--aspire-neighbours`` neighbours each: time and the same metrics.
 
-    uv run python benchmarks/bench_classify2d.py [--cases quality aspire oracle known_pose timing cap_sweep]
+    uv run python benchmarks/bench_classify2d.py [--cases quality aspire oracle known_pose timing cap_sweep snr_sweep]
         [--classifier-seed 0]
 """
 
@@ -67,13 +69,17 @@ ORACLE_VIEW_RADIUS_DEG = 25.0
 ORACLE_HINGE_BINS = 8
 
 
-def dataset(n_particles: int) -> tuple[Path, Any]:
-    """The floppy set of ``n_particles`` (cached ``.npy`` stack, simulator); simulated once, then cached."""
+def dataset(n_particles: int, snr: float = SNR) -> tuple[Path, Any]:
+    """The floppy set of ``n_particles`` at ``snr`` (cached ``.npy`` stack, simulator); simulated once, then cached.
+
+    The poses, states, hinge angles and defoci depend on the seed only, so sets of one size at different SNRs are
+    the same particles under different noise.
+    """
     from cryostack.core.simulate import ParticleSimulator, SimulationParameters, scenario  # noqa: PLC0415
 
-    params = SimulationParameters(n_particles=n_particles, box_px=BOX_PX, pixel_size_a=PIXEL_SIZE_A, snr=SNR, seed=SEED)
+    params = SimulationParameters(n_particles=n_particles, box_px=BOX_PX, pixel_size_a=PIXEL_SIZE_A, snr=snr, seed=SEED)
     simulator = ParticleSimulator(scenario("floppy"), params)
-    return cached_stack(CACHE / f"floppy_{n_particles}_{BOX_PX}_{SEED}.npy", simulator), simulator
+    return cached_stack(CACHE / f"floppy_{n_particles}_{BOX_PX}_{SEED}_snr{snr:g}.npy", simulator), simulator
 
 
 class KernelMeter:
@@ -177,13 +183,13 @@ def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator:
 
 
 def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, cap_multiple: float | None,
-                  online: int, final_full: int, with_quality: bool, label: str) -> dict[str, Any]:
+                  online: int, final_full: int, with_quality: bool, label: str, snr: float = SNR) -> dict[str, Any]:
     """One classification run in this process: timings, kernel share, memory and (optionally) quality."""
     from cryostack.core.backend import default_xp, describe_backend  # noqa: PLC0415
     from cryostack.services.classify2d.algorithm import Classifier2D, Classify2DParameters  # noqa: PLC0415
     from cryostack.services.classify2d.outputs import montage_png, sort_classes  # noqa: PLC0415
 
-    path, simulator = dataset(n_particles)  # before the GPU is touched: the cache is written by forked processes
+    path, simulator = dataset(n_particles, snr)  # before the GPU is touched: the cache is written by forked processes
     xp = default_xp()
     sgemm = sgemm_gflops(xp)
     meter = KernelMeter(xp)
@@ -211,7 +217,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
     counts = result.counts
     record: dict[str, Any] = {
         "label": label, **describe_backend(), "particles": n_particles, "classes": n_classes, "box_px": BOX_PX,
-        "classifier_seed": args.classifier_seed,
+        "snr": snr, "classifier_seed": args.classifier_seed,
         "online_em_iterations": online, "final_full_iterations": params.final_full_iterations,
         "cap": result.capacity, "wall_s": wall, "particle_evaluations": seen, "particles_per_s": seen / wall,
         "peak_rss_mb": peak_rss_mb(), "gpu_pool_mb": gpu_pool_mb(xp),
@@ -454,7 +460,7 @@ def child(args: argparse.Namespace) -> None:
         record = run_known_pose(args, spec["particles"])
     else:
         record = run_cryostack(args, spec["particles"], spec["classes"], spec.get("cap_multiple"), spec["online"],
-                               spec.get("final_full", 1), spec["quality"], spec["label"])
+                               spec.get("final_full", 1), spec["quality"], spec["label"], spec.get("snr", SNR))
     record["load_average_end"] = os.getloadavg()
     print("RESULT " + json.dumps(record))
 
@@ -462,9 +468,9 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run the requested cases, each in a fresh process, and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cases = ["quality", "aspire", "oracle", "known_pose", "timing", "cap_sweep"]
-    parser.add_argument("--cases", nargs="+", default=cases[:-1], choices=cases,
-                        help="default: all but cap_sweep (twelve full runs)")
+    cases = ["quality", "aspire", "oracle", "known_pose", "timing", "cap_sweep", "snr_sweep"]
+    parser.add_argument("--cases", nargs="+", default=cases[:-2], choices=cases,
+                        help="default: all but the sweeps (cap_sweep: twelve full runs, snr_sweep: fourteen)")
     parser.add_argument("--particles", type=int, default=20_000)
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--cap-multiple", type=float, default=1.5, help="cap as a multiple of N/K (quality case)")
@@ -481,6 +487,7 @@ def main() -> None:
     parser.add_argument("--timing-online", type=int, default=2)
     parser.add_argument("--sweep-multiples", type=float, nargs="+", default=[1.0, 1.2, 1.5, 2.0])
     parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sweep-snrs", type=float, nargs="+", default=[0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -513,6 +520,13 @@ def main() -> None:
              "classes": args.classes, "online": args.online, "final_full": args.final_full, "quality": True,
              "cap_multiple": multiple, "classifier_seed": seed}
             for multiple in args.sweep_multiples for seed in args.sweep_seeds
+        ]
+    if "snr_sweep" in args.cases:
+        specs += [
+            {"kind": "cryostack", "label": f"snr_sweep_{snr:g}_{'cap' if multiple else 'no_cap'}",
+             "particles": args.particles, "classes": args.classes, "online": args.online,
+             "final_full": args.final_full, "quality": True, "cap_multiple": multiple, "snr": snr}
+            for snr in args.sweep_snrs for multiple in (None, args.cap_multiple)
         ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
