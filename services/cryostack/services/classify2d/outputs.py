@@ -2,6 +2,12 @@
 
 Classes are renumbered by particle count, largest first: class number ``n`` (from 1) is image ``n`` of the
 class-average stack, row ``n`` of ``classes.csv`` and ``rlnClassNumber == n`` in ``particles.star``.
+
+A class's FRC is that of its two random half-sets' averages. Both halves were aligned to the one class average, as
+in RELION's and cryoSPARC's 2D classification, so the noise that the pose search fits to it correlates between the
+halves: on noisy data the FRC resolution reads finer than the class holds (on the floppy benchmark's particles,
+the median class at 6.9 Å with SNR 0.03 and at 13 Å with SNR 1). It ranks the classes of one job; it is not a
+gold-standard resolution.
 """
 
 from __future__ import annotations
