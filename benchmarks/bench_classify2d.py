@@ -17,7 +17,10 @@ read back in batches with plain file reads, as a job streams them from the store
   ``--sweep-snrs`` (0.03 … 1.0): where the per-class purity bar is data-limited and where it is not.
 - ``timing``: wall time, particles/s (particle × iteration evaluations per second), peak RSS for N in
   ``--timing-particles`` and K in ``--timing-classes``, with the schedule reduced to ``--timing-online`` online
-  iterations + 1 full pass; the full-schedule time is extrapolated from the measured per-iteration times.
+  iterations + 1 full pass, each without a cap and with a cap of ``--timing-cap-multiple`` × N/K (default 1.0, the
+  tightest, where the final pass's exact assignment moves the most particles and scores some of them again against
+  every class; the count is in the record); the full-schedule time is extrapolated from the measured
+  per-iteration times.
 - every cryostack run reports the scoring kernel's share of the wall time and its GFLOP/s (the coarse global
   search through :func:`cryostack.core.scoring.iter_log_likelihoods` and the local refinement's batched GEMMs) next
   to SGEMM GFLOP/s measured in the same process.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -182,6 +186,18 @@ def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator:
     }
 
 
+class RescoredCount(logging.Handler):
+    """Counts the particles the final capped assignment scored again against every class (from the log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.particles = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "scored again against every class" in record.msg:
+            self.particles += int(record.args[0])
+
+
 def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, cap_multiple: float | None,
                   online: int, final_full: int, with_quality: bool, label: str, snr: float = SNR) -> dict[str, Any]:
     """One classification run in this process: timings, kernel share, memory and (optionally) quality."""
@@ -206,6 +222,9 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
         print(f"[{label}] iteration {report.iteration}/{report.total_iterations} at {stamps[-1][1]:.0f} s, "
               f"{report.resolution_a:.1f} Å, largest class {report.occupancy.max():.0f}", file=sys.stderr, flush=True)
 
+    rescored = RescoredCount()
+    logging.getLogger(Classifier2D.__module__).addHandler(rescored)
+    logging.getLogger(Classifier2D.__module__).setLevel(logging.INFO)
     result = classifier.run(on_iteration=on_iteration)
     wall = time.perf_counter() - start
     seen = n_particles * params.final_full_iterations + online * min(n_particles, 100 * n_classes)
@@ -224,6 +243,7 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
         "iteration_times_s": [round(t, 2) for _, t, _ in stamps],
         "resolution_a_per_iteration": [round(r, 2) for _, _, r in stamps],
         "steady_online_iteration_s": steady, "full_pass_s": full_time,
+        "final_pass_particles_scored_again": rescored.particles,
         "extrapolated_full_schedule_s": extrapolated,
         "scoring_kernel": {"seconds": meter.seconds, "share_of_wall": meter.seconds / wall,
                            "gflops": meter.flops / max(meter.seconds, 1e-9) / 1e9, "sgemm_gflops": sgemm,
@@ -485,6 +505,7 @@ def main() -> None:
     parser.add_argument("--timing-particles", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--timing-classes", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--timing-online", type=int, default=2)
+    parser.add_argument("--timing-cap-multiple", type=float, default=1.0)
     parser.add_argument("--sweep-multiples", type=float, nargs="+", default=[1.0, 1.2, 1.5, 2.0])
     parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sweep-snrs", type=float, nargs="+", default=[0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
@@ -510,9 +531,9 @@ def main() -> None:
         specs.append({"kind": "known_pose", "label": "known_pose", "particles": args.particles})
     if "timing" in args.cases:
         specs += [
-            {"kind": "cryostack", "label": f"timing_{n}_{k}", "particles": n, "classes": k,
-             "online": args.timing_online, "quality": False}
-            for n in args.timing_particles for k in args.timing_classes
+            {"kind": "cryostack", "label": f"timing_{n}_{k}{'_cap' if multiple else ''}", "particles": n, "classes": k,
+             "online": args.timing_online, "quality": False, "cap_multiple": multiple}
+            for n in args.timing_particles for k in args.timing_classes for multiple in (None, args.timing_cap_multiple)
         ]
     if "cap_sweep" in args.cases:
         specs += [

@@ -7,7 +7,15 @@ import pytest
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment, linprog
 
-from cryostack.services.classify2d.capacity import batch_capacity, capped_assignment, capped_responsibilities
+from cryostack.services.classify2d.capacity import (
+    ClassScores,
+    batch_capacity,
+    capped_assignment,
+    capped_assignment_with_rescoring,
+    capped_responsibilities,
+    class_responsibilities,
+    top_class_columns,
+)
 
 
 def _random_capacity(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
@@ -82,6 +90,99 @@ def test_hard_assignment_rejects_too_little_capacity_and_fractions() -> None:
         capped_assignment(scores, np.array([3, 3, 3]))
     with pytest.raises(ValueError, match="whole numbers"):
         capped_assignment(scores, np.array([3.5, 3.5, 3.5]))
+
+
+def _best_columns(scores: np.ndarray, count: int) -> ClassScores:
+    top, bound, log_mass = top_class_columns(scores, count)
+    return ClassScores.from_columns(top, np.take_along_axis(scores, top, axis=1), bound, log_mass, scores.shape[1])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_assignment_from_each_particles_best_classes_is_the_exact_one(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n_rows, n_classes = int(rng.integers(20, 400)), int(rng.integers(2, 12))
+    scores = rng.normal(size=(n_rows, n_classes)) * rng.choice([0.5, 5.0]) + rng.normal(size=n_classes) * 4.0
+    capacity = _random_capacity(rng, n_rows, n_classes)
+    kept = int(rng.integers(1, n_classes + 1))
+    asked: list[np.ndarray] = []
+
+    def score_rows(rows: np.ndarray) -> np.ndarray:
+        asked.append(rows)
+        return scores[rows]
+
+    entries, final = capped_assignment_with_rescoring(_best_columns(scores, kept), capacity, score_rows)
+
+    labels = final.classes[entries]
+    assert np.all(np.bincount(labels, minlength=n_classes) <= capacity)
+    np.testing.assert_array_equal(final.scores[entries], scores[np.arange(n_rows), labels])
+    assert scores[np.arange(n_rows), labels].sum() == pytest.approx(_slot_optimum(scores, capacity), rel=1e-12)
+    rescored = np.concatenate(asked) if asked else np.zeros(0, dtype=np.int64)
+    assert np.unique(rescored).size == rescored.size  # no particle is scored twice
+    if kept == n_classes:
+        assert not asked
+    # Whoever left its kept classes was scored against every class first.
+    order = np.argsort(-scores, axis=1, kind="stable")
+    beyond = np.flatnonzero(np.argmax(order == labels[:, None], axis=1) >= kept)
+    assert np.all(np.isin(beyond, rescored))
+
+
+def test_a_tight_cap_sends_some_particles_beyond_their_best_classes_and_they_are_rescored() -> None:
+    rng = np.random.default_rng(11)
+    n_rows, n_classes = 600, 6
+    scores = rng.normal(size=(n_rows, n_classes)) + np.linspace(0.0, 3.0, n_classes)  # all prefer the last classes
+    asked: list[int] = []
+
+    def score_rows(rows: np.ndarray) -> np.ndarray:
+        asked.append(rows.size)
+        return scores[rows]
+
+    entries, final = capped_assignment_with_rescoring(_best_columns(scores, 2), np.full(n_classes, 100), score_rows)
+
+    assert sum(asked) > 0
+    np.testing.assert_array_equal(np.bincount(final.classes[entries], minlength=n_classes), np.full(n_classes, 100))
+    np.testing.assert_array_equal(final.classes[entries], capped_assignment(scores, np.full(n_classes, 100)))
+
+
+def test_rows_listing_too_few_classes_for_the_capacities_are_refused() -> None:
+    scores = ClassScores.from_columns(
+        np.zeros((10, 1), dtype=np.int64), np.zeros((10, 1)), np.full(10, -np.inf), np.full(10, -np.inf), 3
+    )
+    with pytest.raises(ValueError, match="cannot hold every particle"):
+        capped_assignment(scores, np.array([4, 4, 4]))
+
+
+def test_best_classes_come_first_with_the_bound_and_mass_of_the_rest() -> None:
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=(30, 7)) * 3.0
+    top, bound, log_mass = top_class_columns(scores, 3)
+
+    np.testing.assert_array_equal(top, np.argsort(-scores, axis=1)[:, :3])
+    rest = np.argsort(-scores, axis=1)[:, 3:]
+    np.testing.assert_allclose(bound, np.take_along_axis(scores, rest, axis=1).max(axis=1))
+    np.testing.assert_allclose(log_mass, np.log(np.exp(np.take_along_axis(scores, rest, axis=1)).sum(axis=1)))
+    every, no_bound, no_mass = top_class_columns(scores, 7)
+    np.testing.assert_array_equal(every, np.argsort(-scores, axis=1))
+    assert np.all(no_bound == -np.inf) and np.all(no_mass == -np.inf)
+
+
+def test_entry_responsibilities_are_the_posterior_and_the_capped_posterior() -> None:
+    rng = np.random.default_rng(8)
+    n_rows, n_classes = 300, 6
+    log_weights = rng.normal(size=(n_rows, n_classes)) * 2.0 + np.linspace(0.0, 3.0, n_classes)
+    posterior = np.exp(log_weights - log_weights.max(axis=1, keepdims=True))
+    posterior /= posterior.sum(axis=1, keepdims=True)
+
+    # Uncapped, keeping only the best classes loses nothing: the rest's mass stays in the denominator.
+    kept = _best_columns(log_weights, 2)
+    np.testing.assert_allclose(class_responsibilities(kept, None),
+                               posterior[kept.entry_row, kept.classes], rtol=1e-12)
+    # Capped with every class listed, it is the Sinkhorn–Knopp scaling of the dense E-step.
+    capacity = np.full(n_classes, 1.2 * n_rows / n_classes)
+    dense = ClassScores.dense(log_weights)
+    sparse_capped = class_responsibilities(dense, capacity, tolerance=1e-12, max_iterations=20_000)
+    dense_capped = capped_responsibilities(log_weights, capacity, tolerance=1e-12, max_iterations=20_000)
+    np.testing.assert_allclose(sparse_capped.reshape(n_rows, n_classes), dense_capped, rtol=1e-6, atol=1e-9)
+    assert np.all(sparse_capped.reshape(n_rows, n_classes).sum(axis=0) <= capacity * (1 + 1e-6))
 
 
 @pytest.mark.parametrize("seed", range(30))

@@ -106,6 +106,30 @@ def test_cap_is_never_exceeded_while_an_uncapped_run_crowds_one_class() -> None:
         assert fractions.max() >= 0.9
 
 
+def test_the_final_pass_keeps_few_classes_per_particle_and_assigns_as_if_it_kept_all(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A cap of exactly N/K binds in the final pass: some particles must go beyond their best class.
+    data = make_set(two_references(32), 300, seed=6, snr=0.3, with_ctf=True, proportions=np.array([0.8, 0.2]))
+    params = Classify2DParameters(class_count=4, max_particles_per_class_count=75, **FAST)
+
+    def run(kept_classes: int) -> ClassificationResult:
+        monkeypatch.setattr(algorithm, "FINAL_CANDIDATE_CLASSES", kept_classes)
+        return Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=2).run()
+
+    every = run(4)
+    with caplog.at_level("INFO", logger=algorithm.__name__):
+        best_only = run(1)
+
+    assert "scored again against every class" in caplog.text
+    np.testing.assert_array_equal(np.bincount(best_only.assignment.labels, minlength=4), np.full(4, 75))
+    np.testing.assert_array_equal(best_only.assignment.labels, every.assignment.labels)
+    np.testing.assert_allclose(best_only.assignment.psi_deg, every.assignment.psi_deg)
+    np.testing.assert_allclose(best_only.assignment.shift_px, every.assignment.shift_px)
+    np.testing.assert_allclose(best_only.assignment.probability, every.assignment.probability, rtol=1e-3)
+    np.testing.assert_allclose(best_only.averages, every.averages, rtol=1e-5, atol=1e-6)
+
+
 def test_resumed_run_ends_equal_to_an_uninterrupted_one() -> None:
     data = make_set(two_references(32), 300, seed=4, snr=0.3, with_ctf=True)
     # Eight online iterations, so that the cap's rebalancing splits classes on both sides of the resumption.

@@ -23,8 +23,10 @@ factor (a temperature, annealed linearly from its initial value to 1 over the on
 (:func:`capacity.capped_responsibilities`): each class's expected occupancy stays within its capacity, which is the
 cap scaled to the minibatch (``cap · B / N``) in online iterations and the full cap in full passes. The last full
 iteration assigns every particle to exactly one class, by the exact capacitated assignment
-(:func:`capacity.capped_assignment`) when capped, and reconstructs the classes from those hard assignments, so
-reported counts, class averages and ``particles.star`` agree and no class exceeds the cap.
+(:func:`capacity.capped_assignment_with_rescoring`) when capped, and reconstructs the classes from those hard
+assignments, so reported counts, class averages and ``particles.star`` agree and no class exceeds the cap. That pass
+keeps only each particle's :data:`FINAL_CANDIDATE_CLASSES` best classes with their poses (memory grows with N, not
+N·K); the assignment stays exact over all K classes by scoring again the few particles it would move further.
 
 M-step. CTF-weighted sums ``Σ r·CTF·X`` and ``Σ r·CTF²`` are inserted at each particle's pose into padded 2D
 Fourier accumulators (zero-pad factor), one per class and random half-set. Online-EM iterations work on random
@@ -65,10 +67,10 @@ indices, the capped E-step) stay on the host.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from functools import partial
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -102,7 +104,16 @@ from cryostack.core.scoring import (
     shift_phase_ramps,
 )
 from cryostack.errors import InvalidArgumentError
-from cryostack.services.classify2d.capacity import batch_capacity, capped_assignment, capped_responsibilities
+from cryostack.services.classify2d.capacity import (
+    ClassScores,
+    batch_capacity,
+    capped_assignment_with_rescoring,
+    capped_responsibilities,
+    class_responsibilities,
+    top_class_columns,
+)
+
+logger = logging.getLogger(__name__)
 
 # Maximum resolution (Å) when none is given (cryoSPARC's default), unless Nyquist is coarser.
 DEFAULT_MAX_RESOLUTION_A = 6.0
@@ -114,6 +125,9 @@ RESOLUTION_MARGIN_SHELLS = 3
 COARSE_SHELLS = 8
 # Classes per particle refined by the local search.
 CANDIDATE_CLASSES = 4
+# Classes per particle the final pass keeps (best first) for the hard assignment, so that its tables grow with N,
+# not N·K; particles the capped assignment would move further down their list are scored again against every class.
+FINAL_CANDIDATE_CLASSES = 8
 # Shift search range as a fraction of the box width (RELION/cryoSPARC search about this much).
 MAX_SHIFT_FRACTION = 0.1
 # Floor of the online-EM step size: the running sums remember about 1 / ETA_MIN minibatches.
@@ -470,17 +484,22 @@ class _Batch:
 
 @dataclass
 class _Alignment:
-    """Scores and poses of a batch against every class."""
+    """Scores and poses of a batch against every class, or (``classes`` set) against some classes."""
 
     class_ll: np.ndarray  # (B, K) float64 log-likelihood (force max) or log evidence (marginalised) per class
     angle_deg: np.ndarray  # (B, K) float32 best in-plane angle per class
     shift_px: np.ndarray  # (B, K, 2) float32 best shift per class
-    candidates: np.ndarray  # (B, Kc) int64 classes refined by the local search
+    candidates: np.ndarray | None  # (B, Kc) int64 classes refined by the local search
     pose_angle_deg: np.ndarray | None  # (B, Kc, MARGINAL_POSES) marginalised mode: top poses per candidate
     pose_shift_px: np.ndarray | None  # (B, Kc, MARGINAL_POSES, 2)
     pose_weight: np.ndarray | None  # (B, Kc, MARGINAL_POSES) renormalised pose posteriors
     residual_power: np.ndarray  # (shells,) float64 sum over particles of |X - CTF·T|² at the best pose
     residual_count: np.ndarray  # (shells,) float64 number of terms in each sum
+    # With ``classes`` (B, M) int32 the columns of class_ll, angle_deg and shift_px are those classes (M of K); the
+    # classes left out score at most ``excluded_bound`` (B,) and their likelihoods sum to exp(excluded_log_mass).
+    classes: np.ndarray | None = None
+    excluded_bound: np.ndarray | None = None
+    excluded_log_mass: np.ndarray | None = None
 
     @staticmethod
     def gather(parts: Iterable[tuple[np.ndarray, _Alignment]], n_rows: int) -> _Alignment:
@@ -501,6 +520,18 @@ class _Alignment:
             residual_count = residual_count + part.residual_count
         return _Alignment(**table, residual_power=np.asarray(residual_power), residual_count=np.asarray(residual_count))
 
+    def best_classes(self, count: int) -> _Alignment:
+        """The alignment restricted to each particle's ``count`` best classes (best first), hard poses only."""
+        top, bound, log_mass = top_class_columns(self.class_ll, count)  # (B, M), (B,), (B,)
+        return _Alignment(
+            class_ll=np.take_along_axis(self.class_ll, top, axis=1),
+            angle_deg=np.take_along_axis(self.angle_deg, top, axis=1),
+            shift_px=np.take_along_axis(self.shift_px, top[:, :, None], axis=1),
+            candidates=None, pose_angle_deg=None, pose_shift_px=None, pose_weight=None,
+            residual_power=self.residual_power, residual_count=self.residual_count,
+            classes=top.astype(np.int32), excluded_bound=bound, excluded_log_mass=log_mass,
+        )
+
     def take(self, rows: np.ndarray) -> _Alignment:
         """The alignment of particles ``rows`` (the residual sums stay those of the whole table)."""
         return replace(self, **{
@@ -510,7 +541,8 @@ class _Alignment:
 
 # The fields of an alignment with one row per particle.
 _PER_PARTICLE_FIELDS = (
-    "class_ll", "angle_deg", "shift_px", "candidates", "pose_angle_deg", "pose_shift_px", "pose_weight",
+    "class_ll", "angle_deg", "shift_px", "candidates", "pose_angle_deg", "pose_shift_px", "pose_weight", "classes",
+    "excluded_bound", "excluded_log_mass",
 )
 
 
@@ -691,27 +723,21 @@ class Classifier2D:
                     cancel()
                 yield rows, scorer(self._prepare(rows, images))
 
-        alignment = _Alignment.gather(aligned_batches(), self.n_particles)
         weights_of: Callable[[np.ndarray], np.ndarray]
         if final:
-            labels = (
-                capped_assignment(alignment.class_ll, np.full(self.n_classes, self.capacity))
-                if self.capacity is not None
-                else np.argmax(alignment.class_ll, axis=1)
-            ).astype(np.int64)
-            rows = np.arange(self.n_particles)
-            state.final = FinalAssignment(
-                labels=labels,
-                psi_deg=alignment.angle_deg[rows, labels].astype(np.float64),
-                shift_px=alignment.shift_px[rows, labels].astype(np.float64),
-                probability=self._responsibilities(alignment.class_ll, self.n_particles)[rows, labels],
+            kept = ((rows, part.best_classes(FINAL_CANDIDATE_CLASSES)) for rows, part in aligned_batches())
+            alignment = _Alignment.gather(kept, self.n_particles)
+            state.final = self._final_assignment(alignment, scorer)
+            # Hard assignment: one pose per particle, the best of its class, in both modes.
+            alignment = replace(
+                alignment, class_ll=np.zeros((self.n_particles, 1)), angle_deg=state.final.psi_deg[:, None],
+                shift_px=state.final.shift_px[:, None, :], classes=state.final.labels[:, None],
+                excluded_bound=None, excluded_log_mass=None,
             )
-            # Hard assignment: one pose per particle, the best of its class, in both modes; weights one-hot, made
-            # per batch rather than held as an (N, K) table.
-            alignment = replace(alignment, pose_angle_deg=None, pose_shift_px=None, pose_weight=None)
-            weights_of = partial(_one_hot, labels, self.n_classes)
-            occupancy = np.bincount(labels, minlength=self.n_classes).astype(np.float64)
+            weights_of = _full_weight
+            occupancy = np.bincount(state.final.labels, minlength=self.n_classes).astype(np.float64)
         else:
+            alignment = _Alignment.gather(aligned_batches(), self.n_particles)
             responsibilities = self._responsibilities(alignment.class_ll, self.n_particles)
             weights_of = responsibilities.__getitem__
             occupancy = responsibilities.sum(axis=0)
@@ -722,6 +748,45 @@ class Classifier2D:
         state.particles_seen += self.n_particles
         state.iteration = iteration + 1
         return state
+
+    def _final_assignment(
+        self, alignment: _Alignment, scorer: Callable[[_Batch], _Alignment]
+    ) -> FinalAssignment:
+        """Each particle's class from its best classes ``alignment`` (N, M): the argmax, or the exact capped
+        assignment (particles it would send beyond their M are scored again against every class); its pose and
+        probability."""
+        n, k = self.n_particles, self.n_classes
+        scores = ClassScores.from_columns(
+            alignment.classes, alignment.class_ll, alignment.excluded_bound, alignment.excluded_log_mass, k
+        )
+        rescored: list[tuple[np.ndarray, _Alignment]] = []
+
+        def score_every_class(rows: np.ndarray) -> np.ndarray:
+            full = scorer(self._prepare(rows, self.particles.read(rows)))
+            rescored.append((rows, full))
+            return full.class_ll
+
+        if self.capacity is None:
+            entries = scores.row_start[:-1]  # each row's best class comes first
+            capacity = None
+        else:
+            capacity = np.full(k, self.capacity)
+            entries, scores = capped_assignment_with_rescoring(scores, capacity, score_every_class)
+        labels = scores.classes[entries].astype(np.int64)
+        # The label's column among the kept classes; a row scored again lists all K, and its pose is taken below.
+        columns = np.minimum(entries - scores.row_start[:-1], alignment.classes.shape[1] - 1)  # (N,)
+        psi_deg = alignment.angle_deg[np.arange(n), columns].astype(np.float64)
+        shift_px = alignment.shift_px[np.arange(n), columns].astype(np.float64)
+        for rows, full in rescored:  # each row is scored again at most once
+            psi_deg[rows] = full.angle_deg[np.arange(rows.size), labels[rows]]
+            shift_px[rows] = full.shift_px[np.arange(rows.size), labels[rows]]
+        if rescored:
+            logger.info("final assignment: %d particles scored again against every class",
+                        sum(rows.size for rows, _ in rescored))
+        return FinalAssignment(
+            labels=labels, psi_deg=psi_deg, shift_px=shift_px,
+            probability=class_responsibilities(scores, capacity)[entries],
+        )
 
     def _responsibilities(self, log_weights: np.ndarray, batch_size: int) -> np.ndarray:
         """Class responsibilities (B, K): the posterior, or the capped one when a cap is set."""
@@ -1193,11 +1258,9 @@ def _fold_coarse_block(
     best_shift[:, first:last][better] = shift[better]
 
 
-def _one_hot(labels: np.ndarray, n_classes: int, rows: np.ndarray) -> np.ndarray:
-    """Weights (B, K) float64 putting each particle of ``rows`` wholly in its class ``labels[rows]``."""
-    weights = np.zeros((rows.size, n_classes))
-    weights[np.arange(rows.size), labels[rows]] = 1.0
-    return weights
+def _full_weight(rows: np.ndarray) -> np.ndarray:
+    """Weights (B, 1): each particle of ``rows`` wholly in the one class its alignment lists."""
+    return np.ones((rows.size, 1))
 
 
 def _pair_ramps(shifts_px: Any, box_px: int, flat: np.ndarray) -> Any:
@@ -1216,17 +1279,19 @@ def _pair_ramps(shifts_px: Any, box_px: int, flat: np.ndarray) -> Any:
 def _insertions(
     alignment: _Alignment, weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(row, class, angle_deg, shift_px (M, 2), weight) of every insertion a batch makes."""
+    """(row, class, angle_deg, shift_px (M, 2), weight) of every insertion a batch makes; ``weights`` (B, K) over
+    the alignment's columns."""
     count = min(INSERT_CLASSES, weights.shape[1])
-    top = np.argpartition(-weights, count - 1, axis=1)[:, :count]  # (B, count) most probable classes
+    top = np.argpartition(-weights, count - 1, axis=1)[:, :count]  # (B, count) most probable columns
     kept = np.take_along_axis(weights, top, axis=1)
     kept = np.where(kept >= MIN_INSERT_WEIGHT, kept, 0.0)
     kept *= weights.sum(axis=1, keepdims=True) / np.maximum(kept.sum(axis=1, keepdims=True), 1e-300)
     rows, slots = np.nonzero(kept)
-    classes = top[rows, slots]
+    columns = top[rows, slots]
+    classes = columns if alignment.classes is None else alignment.classes[rows, columns].astype(np.int64)
     pair_weight = kept[rows, slots]
-    angle = alignment.angle_deg[rows, classes]
-    shift = alignment.shift_px[rows, classes]
+    angle = alignment.angle_deg[rows, columns]
+    shift = alignment.shift_px[rows, columns]
     if alignment.pose_weight is None:
         return rows, classes, angle, shift, pair_weight
     # Marginalised: a candidate pair inserts its top poses, weighted by their posteriors.

@@ -11,11 +11,18 @@ Two operations keep class occupancy within a capacity:
   with at most ``capacity_k`` particles in class k (a transportation problem), solved by successive shortest
   paths over the K class nodes with class prices as duals, warm-started by Jacobi price raising.
 
-Both accept any capacities whose sum is at least the number of particles.
+A whole pass keeps each particle's few best classes (:class:`ClassScores`, row-compressed) rather than an (N, K)
+table: :func:`capped_assignment_with_rescoring` is still exact over all K classes (it scores again, against every
+class, the few particles a relaxation would send beyond their list), and :func:`class_responsibilities` gives
+the posterior, capped or not, of the listed classes.
+
+All accept any capacities whose sum is at least the number of particles.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,24 +98,249 @@ def _repair_overflow(responsibilities: Any, cap: Any) -> Any:
     return responsibilities / responsibilities.sum(axis=1, keepdims=True)
 
 
-def capped_assignment(scores: Any, capacity: np.ndarray, *, max_warm_sweeps: int = 200) -> np.ndarray:
-    """Exact maximum-total-score class of each particle with at most ``capacity[k]`` particles in class k."""
-    scores = to_host(scores).astype(np.float64, copy=False)  # (N, K); host: the combinatorial step is serial
+@dataclass(frozen=True)
+class ClassScores:
+    """Each particle's scores for some or all of the K classes, row-compressed.
+
+    Row i lists ``classes[row_start[i]:row_start[i + 1]]`` with their ``scores``; a row that lists every class lists
+    them in order 0..K−1. The classes a row leaves out score at most ``excluded_bound[i]`` and their exp-scores sum
+    to ``exp(excluded_log_mass[i])`` (both −inf where the row lists every class). A full pass keeps each particle's
+    few best classes this way, so its tables grow with N, not N·K.
+    """
+
+    row_start: np.ndarray  # (N + 1,) int64
+    classes: np.ndarray  # (E,) int64 class of each entry
+    scores: np.ndarray  # (E,) float64
+    excluded_bound: np.ndarray  # (N,) float64
+    excluded_log_mass: np.ndarray  # (N,) float64
+    n_classes: int
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_start.size - 1)
+
+    @property
+    def entry_row(self) -> np.ndarray:
+        """(E,) int64 the row of each entry."""
+        return np.repeat(np.arange(self.n_rows, dtype=np.int64), np.diff(self.row_start))
+
+    @classmethod
+    def dense(cls, scores: Any) -> ClassScores:
+        """Every row lists every class: ``scores`` (N, K)."""
+        scores = to_host(scores).astype(np.float64, copy=False)
+        n_rows, n_classes = scores.shape
+        no_rest = np.full(n_rows, -np.inf)
+        return cls(
+            np.arange(n_rows + 1, dtype=np.int64) * n_classes, np.tile(np.arange(n_classes, dtype=np.int64), n_rows),
+            scores.ravel(), no_rest, no_rest.copy(), n_classes,
+        )
+
+    @classmethod
+    def from_columns(
+        cls, classes: np.ndarray, scores: np.ndarray, excluded_bound: np.ndarray, excluded_log_mass: np.ndarray,
+        n_classes: int,
+    ) -> ClassScores:
+        """Rows of equal length: ``classes`` and ``scores`` (N, M), the rest's bound and log mass (N,)."""
+        n_rows, width = classes.shape
+        return cls(
+            np.arange(n_rows + 1, dtype=np.int64) * width, classes.astype(np.int64).ravel(),
+            scores.astype(np.float64).ravel(), np.asarray(excluded_bound, dtype=np.float64),
+            np.asarray(excluded_log_mass, dtype=np.float64), n_classes,
+        )
+
+    def with_full_rows(self, rows: np.ndarray, full_scores: np.ndarray) -> ClassScores:
+        """These scores with rows ``rows`` (V,) listing every class, from ``full_scores`` (V, K)."""
+        lengths = np.diff(self.row_start)
+        lengths[rows] = self.n_classes
+        row_start = np.concatenate([[0], np.cumsum(lengths)])
+        kept = np.ones(self.n_rows, dtype=bool)
+        kept[rows] = False
+        old_entries, old_segments, _ = _row_entries(self.row_start, np.flatnonzero(kept))
+        new_positions = row_start[:-1][kept][old_segments] + (old_entries - self.row_start[:-1][kept][old_segments])
+        classes = np.empty(row_start[-1], dtype=np.int64)
+        scores = np.empty(row_start[-1], dtype=np.float64)
+        classes[new_positions] = self.classes[old_entries]
+        scores[new_positions] = self.scores[old_entries]
+        full_positions = row_start[rows][:, None] + np.arange(self.n_classes)  # (V, K)
+        classes[full_positions] = np.arange(self.n_classes)
+        scores[full_positions] = full_scores
+        excluded_bound = self.excluded_bound.copy()
+        excluded_log_mass = self.excluded_log_mass.copy()
+        excluded_bound[rows] = -np.inf
+        excluded_log_mass[rows] = -np.inf
+        return ClassScores(row_start, classes, scores, excluded_bound, excluded_log_mass, self.n_classes)
+
+
+def top_class_columns(scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's ``count`` best classes of ``scores`` (B, K): their indices (B, count), best first, and the bound
+    and log-sum-exp (B,) of the classes left out (−inf when none is)."""
     n_rows, n_classes = scores.shape
+    count = min(count, n_classes)
+    top = np.argpartition(-scores, count - 1, axis=1)[:, :count] if count < n_classes else np.tile(
+        np.arange(n_classes), (n_rows, 1)
+    )
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), axis=1)
+    if count == n_classes:
+        no_rest = np.full(n_rows, -np.inf)
+        return top, no_rest, no_rest.copy()
+    rest = scores.copy()
+    np.put_along_axis(rest, top, -np.inf, axis=1)
+    bound = rest.max(axis=1)
+    log_mass = bound + np.log(np.exp(rest - bound[:, None]).sum(axis=1))
+    return top, bound, log_mass
+
+
+def capped_assignment(scores: Any, capacity: np.ndarray, *, max_warm_sweeps: int = 200) -> np.ndarray:
+    """Exact maximum-total-score class of each particle with at most ``capacity[k]`` particles in class k.
+
+    ``scores`` is (N, K) or :class:`ClassScores` (a particle then goes only to a class its row lists; raises if the
+    listed classes cannot hold every particle).
+    """
+    table = scores if isinstance(scores, ClassScores) else ClassScores.dense(scores)
+    entries, _ = _assigned_entries(table, capacity, max_warm_sweeps)
+    return table.classes[entries]
+
+
+def capped_assignment_with_rescoring(
+    scores: ClassScores,
+    capacity: np.ndarray,
+    score_rows: Callable[[np.ndarray], np.ndarray],
+    *,
+    max_warm_sweeps: int = 200,
+) -> tuple[np.ndarray, ClassScores]:
+    """The exact capped assignment over all K classes when each row lists only its best classes.
+
+    Solves a relaxation in which every row may also take one extra, unbounded class scoring its
+    ``excluded_bound`` (at least as good as any class it leaves out): when no particle takes it, the relaxed
+    optimum is attained by a true assignment and is therefore the exact one. Particles that do take it are
+    rescored against every class (``score_rows(rows)`` → (V, K)) and the problem solved again; each round lists
+    more rows in full, so it ends. Returns each particle's entry in the final scores (N,) and those scores.
+    """
+    capacity = np.asarray(capacity)
+    relaxed_capacity = np.append(capacity, scores.n_rows)  # the extra class never fills, so its price stays 0
+    relaxed = _with_excluded_class(scores)
+    entries, prices = _assigned_entries(relaxed, relaxed_capacity, max_warm_sweeps)
+    while True:
+        outside = np.flatnonzero(relaxed.classes[entries] == scores.n_classes)
+        if outside.size == 0:
+            # Every row keeps its own entries first and in order, so the relaxed entry maps back by its offset.
+            rows = relaxed.entry_row[entries]
+            return scores.row_start[rows] + (entries - relaxed.row_start[rows]), scores
+        scores = scores.with_full_rows(outside, to_host(score_rows(outside)).astype(np.float64, copy=False))
+        # Warm start from the last optimum: the other rows keep their entries (at the same offsets) and prices;
+        # the rescored rows go to their best class under those prices, so every particle still sits at a best
+        # class and only the classes they join can be over their capacity.
+        offsets = entries - relaxed.row_start[:-1]
+        relaxed = _with_excluded_class(scores)
+        entries = relaxed.row_start[:-1] + offsets
+        run_entries, segments, run_start = _row_entries(relaxed.row_start, outside)
+        values = relaxed.scores[run_entries] - prices[relaxed.classes[run_entries]]
+        entries[outside] = run_entries[_run_argmax(values, run_start, segments)]
+        entries, prices = _assigned_entries(relaxed, relaxed_capacity, max_warm_sweeps, (entries, prices))
+
+
+def class_responsibilities(
+    scores: ClassScores, capacity: np.ndarray | None, *, max_iterations: int = 1000, tolerance: float = 1e-4
+) -> np.ndarray:
+    """Each entry's responsibility (E,): the posterior over all K classes, or the capped one (Sinkhorn–Knopp).
+
+    The row-compressed counterpart of :func:`capped_responsibilities` for a whole pass. The classes a row leaves
+    out keep their mass ``exp(excluded_log_mass)`` unscaled (they are far below the row's best, and a class's
+    column scale is at most 1), so the capped figure is exact when rows list every class.
+    """
+    entry_row = scores.entry_row
+    row_max = np.maximum(np.maximum.reduceat(scores.scores, scores.row_start[:-1]), scores.excluded_log_mass)
+    kernel = np.exp(scores.scores - row_max[entry_row])  # (E,)
+    rest = np.exp(scores.excluded_log_mass - row_max)  # (N,)
+    column_scale = np.ones(scores.n_classes)  # (K,)
+    if capacity is not None:
+        capacity = np.asarray(capacity, dtype=np.float64)
+        _check_capacity(scores.n_rows, capacity, scores.n_classes)
+        for _ in range(max_iterations):
+            row_scale = 1.0 / np.maximum(np.bincount(entry_row, kernel * column_scale[scores.classes], scores.n_rows)
+                                         + rest, 1e-300)
+            demand = np.bincount(scores.classes, kernel * row_scale[entry_row], scores.n_classes)
+            new_scale = np.minimum(1.0, capacity / np.maximum(demand, 1e-300))
+            change = float(np.max(np.abs(new_scale - column_scale) / np.maximum(new_scale, column_scale)))
+            column_scale = new_scale
+            if change < tolerance:
+                break
+    weighted = kernel * column_scale[scores.classes]
+    return weighted / (np.bincount(entry_row, weighted, scores.n_rows) + rest)[entry_row]
+
+
+def _with_excluded_class(scores: ClassScores) -> ClassScores:
+    """``scores`` with one more class, K, after each row's own entries in the rows that leave classes out, scoring
+    their ``excluded_bound``."""
+    partial = np.isfinite(scores.excluded_bound)
+    lengths = np.diff(scores.row_start) + partial
+    row_start = np.concatenate([[0], np.cumsum(lengths)])
+    entries, segments, _ = _row_entries(scores.row_start, np.arange(scores.n_rows))
+    positions = row_start[:-1][segments] + (entries - scores.row_start[:-1][segments])
+    classes = np.empty(row_start[-1], dtype=np.int64)
+    values = np.empty(row_start[-1], dtype=np.float64)
+    classes[positions] = scores.classes
+    values[positions] = scores.scores
+    last = row_start[1:][partial] - 1
+    classes[last] = scores.n_classes
+    values[last] = scores.excluded_bound[partial]
+    no_rest = np.full(scores.n_rows, -np.inf)
+    return ClassScores(row_start, classes, values, no_rest, no_rest.copy(), scores.n_classes + 1)
+
+
+def _row_entries(row_start: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The entries of ``rows`` (R,) back to back: entry indices (L,), the position in ``rows`` of each (L,), and
+    where each row's run starts (R,)."""
+    starts = row_start[rows]
+    lengths = row_start[rows + 1] - starts
+    run_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    segments = np.repeat(np.arange(rows.size), lengths)
+    entries = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - run_start, lengths)
+    return entries, segments, run_start
+
+
+def _run_argmax(values: np.ndarray, run_start: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Index into ``values`` (L,) of the first largest value of each run (runs non-empty, no NaN)."""
+    run_max = np.maximum.reduceat(values, run_start)
+    at_max = np.flatnonzero(values == run_max[segments])
+    return at_max[np.flatnonzero(np.diff(segments[at_max], prepend=-1))]
+
+
+def _assigned_entries(
+    table: ClassScores,
+    capacity: np.ndarray,
+    max_warm_sweeps: int,
+    start: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's entry (N,) in the exact capped assignment of ``table``, and the class prices (K,) proving it.
+
+    ``start``: entries and prices to continue from, with every particle at a best class under those prices and
+    every class of positive price at or over its capacity.
+    """
+    n_rows, n_classes = table.n_rows, table.n_classes
     capacity = np.asarray(capacity)
     _check_capacity(n_rows, capacity.astype(np.float64), n_classes)
     if not np.all(np.floor(capacity) == capacity):
         raise ValueError("capacities of a hard assignment must be whole numbers")
+    if n_rows and np.any(np.diff(table.row_start) == 0):
+        raise ValueError(f"row {int(np.argmin(np.diff(table.row_start)))} lists no class")
+    if np.isnan(table.scores).any():
+        raise ValueError("scores must not be NaN")
     cap = np.minimum(capacity, n_rows).astype(np.int64)  # (K,)
-
-    prices = np.zeros(n_classes)  # (K,) dual of each class's capacity constraint, zero unless the class is full
-    labels = np.argmax(scores, axis=1)  # (N,) every particle at its best price-adjusted class
-    labels = _raise_prices(scores, cap, prices, labels, max_warm_sweeps)
-    return _shortest_augmenting_paths(scores, cap, prices, labels)
+    if start is None:
+        # Prices (the duals of the capacity constraints) zero, every particle at its best class.
+        prices = np.zeros(n_classes)
+        entries = _run_argmax(table.scores, table.row_start[:-1], table.entry_row) if n_rows else np.zeros(0, int)
+    else:
+        entries, prices = start[0].copy(), start[1].copy()
+    if n_rows == 0:
+        return entries, prices
+    entries = _raise_prices(table, cap, prices, entries, max_warm_sweeps)
+    return _shortest_augmenting_paths(table, cap, prices, entries), prices
 
 
 def _raise_prices(
-    scores: np.ndarray, cap: np.ndarray, prices: np.ndarray, labels: np.ndarray, max_sweeps: int
+    table: ClassScores, cap: np.ndarray, prices: np.ndarray, entries: np.ndarray, max_sweeps: int
 ) -> np.ndarray:
     """Warm start: raise each over-full class's price until only its ``cap`` most attached particles stay.
 
@@ -116,12 +348,13 @@ def _raise_prices(
     with a positive price holds at least its capacity (prices only rise, which only pushes particles into other
     classes). Stops when the overflow is small or stops shrinking (ties can leave a residue).
     """
-    n_classes = scores.shape[1]
+    n_rows, n_classes = table.n_rows, table.n_classes
     # Below this overflow the exact phase (one particle per shortest path) is cheaper than more sweeps.
-    handover = max(scores.shape[0] // 200, n_classes)
-    best_overflow = scores.shape[0] + 1
+    handover = max(n_rows // 200, n_classes)
+    best_overflow = n_rows + 1
     stalled_sweeps = 0
     for _ in range(max_sweeps):
+        labels = table.classes[entries]
         counts = np.bincount(labels, minlength=n_classes)
         overflow = int(np.maximum(counts - cap, 0).sum())
         stalled_sweeps = stalled_sweeps + 1 if overflow >= best_overflow else 0
@@ -130,32 +363,34 @@ def _raise_prices(
             break
         crowded = np.flatnonzero((counts > cap)[labels])  # (M,) particles in over-full classes
         own_class = labels[crowded]
-        values = scores[crowded] - prices[None, :]  # (M, K)
-        rows = np.arange(crowded.size)
-        own = values[rows, own_class].copy()
-        values[rows, own_class] = -np.inf
-        margin = own - values.max(axis=1)  # (M,) how far the own class's price may rise before i leaves
-        # Rank the particles of each over-full class from most to least attached.
+        own_entry = entries[crowded]
+        run_entries, segments, run_start = _row_entries(table.row_start, crowded)
+        run_scores = table.scores[run_entries]  # (L,)
+        run_classes = table.classes[run_entries]
+        is_own = run_entries == own_entry[segments]
+        run_scores[is_own] = -np.inf
+        own = table.scores[own_entry]
+        margin = own - prices[own_class] - np.maximum.reduceat(run_scores - prices[run_classes], run_start)  # (M,)
+        # Rank the particles of each over-full class from most to least attached; margin: how far the own class's
+        # price may rise before the particle leaves.
         order = np.lexsort((-margin, own_class))
         sorted_class = own_class[order]
         rank = np.empty(crowded.size, dtype=np.int64)
         rank[order] = np.arange(crowded.size) - np.searchsorted(sorted_class, sorted_class, side="left")
-        at_capacity = rank == cap[own_class]  # the first particle beyond each class's capacity sets its price
+        # The first particle beyond each class's capacity sets its price (none can if it has nowhere to go).
+        at_capacity = (rank == cap[own_class]) & np.isfinite(margin)
         prices[own_class[at_capacity]] += margin[at_capacity]
-        movers = rank >= cap[own_class]
-        values = scores[crowded[movers]] - prices[None, :]  # (L, K)
-        mover_rows = np.arange(values.shape[0])
-        stay_value = values[mover_rows, own_class[movers]].copy()
-        values[mover_rows, own_class[movers]] = -np.inf
-        best = np.argmax(values, axis=1)
+        values = run_scores - prices[run_classes]
+        best = _run_argmax(values, run_start, segments)  # (M,) index into the run
         # A mover leaves only for a class at least as good under the new prices (other classes rose too).
-        leaves = values[mover_rows, best] >= stay_value
-        labels[crowded[movers][leaves]] = best[leaves]
-    return labels
+        leaves = (rank >= cap[own_class]) & (values[best] >= own - prices[own_class])
+        best = run_entries[best]
+        entries[crowded[leaves]] = best[leaves]
+    return entries
 
 
 def _shortest_augmenting_paths(
-    scores: np.ndarray, cap: np.ndarray, prices: np.ndarray, labels: np.ndarray
+    table: ClassScores, cap: np.ndarray, prices: np.ndarray, entries: np.ndarray
 ) -> np.ndarray:
     """Exact phase: move one surplus particle at a time along a cheapest chain of class changes.
 
@@ -164,21 +399,26 @@ def _shortest_augmenting_paths(
     over-full classes finds the nearest class with room; raising prices by the distances keeps every particle
     at a best class and makes the path free, so the final assignment is optimal with ``prices`` as its duals.
     """
-    n_classes = scores.shape[1]
+    n_classes = table.n_classes
+    labels = table.classes[entries]
     counts = np.bincount(labels, minlength=n_classes)
-    cheapest = np.full((n_classes, n_classes), np.inf)  # (K, K) min over j in a of scores[j,a] - scores[j,b]
-    cheapest_particle = np.zeros((n_classes, n_classes), dtype=np.int64)  # (K, K) the j attaining it
+    cheapest = np.full((n_classes, n_classes), np.inf)  # (K, K) min over j in a of score(j, a) - score(j, b)
+    cheapest_entry = np.zeros((n_classes, n_classes), dtype=np.int64)  # (K, K) the entry (j, b) attaining it
 
     def refresh_row(a: int) -> None:
+        cheapest[a] = np.inf
         members = np.flatnonzero(labels == a)
         if members.size == 0:
-            cheapest[a] = np.inf
             return
-        loss = scores[members, a][:, None] - scores[members]  # (n_a, K)
-        loss[:, a] = np.inf
-        best = np.argmin(loss, axis=0)
-        cheapest[a] = loss[best, np.arange(n_classes)]
-        cheapest_particle[a] = members[best]
+        run_entries, segments, _ = _row_entries(table.row_start, members)
+        loss = table.scores[entries[members]][segments] - table.scores[run_entries]
+        target = table.classes[run_entries]
+        elsewhere = target != a
+        run_entries, loss, target = run_entries[elsewhere], loss[elsewhere], target[elsewhere]
+        np.minimum.at(cheapest[a], target, loss)
+        attaining = np.flatnonzero(loss == cheapest[a][target])  # ascending: the first particle wins ties
+        classes, first = np.unique(target[attaining], return_index=True)
+        cheapest_entry[a, classes] = run_entries[attaining[first]]
 
     for a in range(n_classes):
         refresh_row(a)
@@ -186,21 +426,28 @@ def _shortest_augmenting_paths(
     while True:
         surplus = np.flatnonzero(counts > cap)
         if surplus.size == 0:
-            return labels
+            return entries
         reduced = np.maximum(cheapest - prices[:, None] + prices[None, :], 0.0)  # rounding can dip below 0
         graph = csgraph_from_dense(reduced, null_value=np.inf)
         distance, predecessor, _ = dijkstra(graph, indices=surplus, min_only=True, return_predecessors=True)
         with_room = np.flatnonzero(counts < cap)
         target = with_room[np.argmin(distance[with_room])]
+        if not np.isfinite(distance[target]):
+            raise ValueError(
+                f"the listed classes cannot hold every particle: class {int(surplus[0])} is over its capacity and "
+                "none of its particles lists a class with room"
+            )
         prices += np.maximum(distance[target] - distance, 0.0)  # unreached classes (inf) keep their price
 
         moves = []
         node = target
         while predecessor[node] >= 0:
             source = int(predecessor[node])
-            moves.append((int(cheapest_particle[source, node]), source, int(node)))
+            moves.append((int(cheapest_entry[source, node]), source, int(node)))
             node = source
-        for particle, _, destination in moves:
+        for entry, _, destination in moves:
+            particle = int(np.searchsorted(table.row_start, entry, side="right") - 1)
+            entries[particle] = entry
             labels[particle] = destination
         counts[node] -= 1
         counts[target] += 1
