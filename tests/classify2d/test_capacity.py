@@ -163,6 +163,8 @@ def test_best_classes_come_first_with_the_bound_and_mass_of_the_rest() -> None:
     every, no_bound, no_mass = top_class_columns(scores, 7)
     np.testing.assert_array_equal(every, np.argsort(-scores, axis=1))
     assert np.all(no_bound == -np.inf) and np.all(no_mass == -np.inf)
+    tied, _, _ = top_class_columns(np.zeros((2, 5)), 5)
+    np.testing.assert_array_equal(tied, np.tile(np.arange(5), (2, 1)))  # ties in class order, as argmax
 
 
 def test_entry_responsibilities_are_the_posterior_and_the_capped_posterior() -> None:

@@ -179,7 +179,8 @@ def top_class_columns(scores: np.ndarray, count: int) -> tuple[np.ndarray, np.nd
     top = np.argpartition(-scores, count - 1, axis=1)[:, :count] if count < n_classes else np.tile(
         np.arange(n_classes), (n_rows, 1)
     )
-    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), axis=1)
+    # Best first; equal scores in class order, as argmax breaks ties.
+    top = np.take_along_axis(top, np.lexsort((top, -np.take_along_axis(scores, top, axis=1)), axis=1), axis=1)
     if count == n_classes:
         no_rest = np.full(n_rows, -np.inf)
         return top, no_rest, no_rest.copy()
