@@ -109,7 +109,7 @@ class ClassScores:
     """
 
     row_start: np.ndarray  # (N + 1,) int64
-    classes: np.ndarray  # (E,) int64 class of each entry
+    classes: np.ndarray  # (E,) int32 class of each entry
     scores: np.ndarray  # (E,) float64
     excluded_bound: np.ndarray  # (N,) float64
     excluded_log_mass: np.ndarray  # (N,) float64
@@ -131,7 +131,7 @@ class ClassScores:
         n_rows, n_classes = scores.shape
         no_rest = np.full(n_rows, -np.inf)
         return cls(
-            np.arange(n_rows + 1, dtype=np.int64) * n_classes, np.tile(np.arange(n_classes, dtype=np.int64), n_rows),
+            np.arange(n_rows + 1, dtype=np.int64) * n_classes, np.tile(np.arange(n_classes, dtype=np.int32), n_rows),
             scores.ravel(), no_rest, no_rest.copy(), n_classes,
         )
 
@@ -143,8 +143,8 @@ class ClassScores:
         """Rows of equal length: ``classes`` and ``scores`` (N, M), the rest's bound and log mass (N,)."""
         n_rows, width = classes.shape
         return cls(
-            np.arange(n_rows + 1, dtype=np.int64) * width, classes.astype(np.int64).ravel(),
-            scores.astype(np.float64).ravel(), np.asarray(excluded_bound, dtype=np.float64),
+            np.arange(n_rows + 1, dtype=np.int64) * width, classes.astype(np.int32, copy=False).ravel(),
+            scores.astype(np.float64, copy=False).ravel(), np.asarray(excluded_bound, dtype=np.float64),
             np.asarray(excluded_log_mass, dtype=np.float64), n_classes,
         )
 
@@ -157,7 +157,7 @@ class ClassScores:
         kept[rows] = False
         old_entries, old_segments, _ = _row_entries(self.row_start, np.flatnonzero(kept))
         new_positions = row_start[:-1][kept][old_segments] + (old_entries - self.row_start[:-1][kept][old_segments])
-        classes = np.empty(row_start[-1], dtype=np.int64)
+        classes = np.empty(row_start[-1], dtype=np.int32)
         scores = np.empty(row_start[-1], dtype=np.float64)
         classes[new_positions] = self.classes[old_entries]
         scores[new_positions] = self.scores[old_entries]
@@ -278,7 +278,7 @@ def _with_excluded_class(scores: ClassScores) -> ClassScores:
     row_start = np.concatenate([[0], np.cumsum(lengths)])
     entries, segments, _ = _row_entries(scores.row_start, np.arange(scores.n_rows))
     positions = row_start[:-1][segments] + (entries - scores.row_start[:-1][segments])
-    classes = np.empty(row_start[-1], dtype=np.int64)
+    classes = np.empty(row_start[-1], dtype=np.int32)
     values = np.empty(row_start[-1], dtype=np.float64)
     classes[positions] = scores.classes
     values[positions] = scores.scores
