@@ -127,7 +127,7 @@ COARSE_SHELLS = 8
 CANDIDATE_CLASSES = 4
 # Classes per particle the final pass keeps (best first) for the hard assignment, so that its tables grow with N,
 # not N·K; particles the capped assignment would move further down their list are scored again against every class.
-FINAL_CANDIDATE_CLASSES = 8
+FINAL_CANDIDATE_CLASSES = 16
 # Shift search range as a fraction of the box width (RELION/cryoSPARC search about this much).
 MAX_SHIFT_FRACTION = 0.1
 # Floor of the online-EM step size: the running sums remember about 1 / ETA_MIN minibatches.

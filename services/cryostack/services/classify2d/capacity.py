@@ -31,6 +31,11 @@ from scipy.sparse.csgraph import csgraph_from_dense, dijkstra
 from cryostack.core.backend import array_module, to_host
 
 
+# For each particle a round finds taking the extra class, this many of those closest to taking it are scored again
+# with it: fewer rounds (each a solve and a read) for a few more particles scored.
+_RESCORE_AHEAD = 2
+
+
 def batch_capacity(capacity: np.ndarray, batch_size: int, n_particles: int) -> np.ndarray:
     """Each class's share of its capacity for a minibatch of ``batch_size`` out of ``n_particles`` particles."""
     capacity = np.asarray(capacity, dtype=np.float64)  # (K,)
@@ -214,29 +219,38 @@ def capped_assignment_with_rescoring(
     Solves a relaxation in which every row may also take one extra, unbounded class scoring its
     ``excluded_bound`` (at least as good as any class it leaves out): when no particle takes it, the relaxed
     optimum is attained by a true assignment and is therefore the exact one. Particles that do take it are
-    rescored against every class (``score_rows(rows)`` → (V, K)) and the problem solved again; each round lists
-    more rows in full, so it ends. Returns each particle's entry in the final scores (N,) and those scores.
+    scored again against every class (``score_rows(rows)`` → (V, K)), together with the particles closest to
+    taking it (which the next round would otherwise send there), and the problem is solved again; each
+    round lists more rows in full, so it ends. Returns each particle's entry in the final scores (N,) and those
+    scores.
     """
     capacity = np.asarray(capacity)
     relaxed_capacity = np.append(capacity, scores.n_rows)  # the extra class never fills, so its price stays 0
     relaxed = _with_excluded_class(scores)
     entries, prices = _assigned_entries(relaxed, relaxed_capacity, max_warm_sweeps)
     while True:
-        outside = np.flatnonzero(relaxed.classes[entries] == scores.n_classes)
+        taken = relaxed.classes[entries]
+        outside = np.flatnonzero(taken == scores.n_classes)
         if outside.size == 0:
             # Every row keeps its own entries first and in order, so the relaxed entry maps back by its offset.
             rows = relaxed.entry_row[entries]
             return scores.row_start[rows] + (entries - relaxed.row_start[rows]), scores
-        scores = scores.with_full_rows(outside, to_host(score_rows(outside)).astype(np.float64, copy=False))
+        # Slack: how much better than the extra class each other partial row's class is under the prices.
+        slack = relaxed.scores[entries] - prices[taken] - scores.excluded_bound
+        slack[outside] = np.inf
+        slack[~np.isfinite(scores.excluded_bound)] = np.inf
+        nearest = np.argsort(slack, kind="stable")[: _RESCORE_AHEAD * outside.size]
+        rescored = np.union1d(outside, nearest[np.isfinite(slack[nearest])])
+        scores = scores.with_full_rows(rescored, to_host(score_rows(rescored)).astype(np.float64, copy=False))
         # Warm start from the last optimum: the other rows keep their entries (at the same offsets) and prices;
         # the rescored rows go to their best class under those prices, so every particle still sits at a best
         # class and only the classes they join can be over their capacity.
         offsets = entries - relaxed.row_start[:-1]
         relaxed = _with_excluded_class(scores)
         entries = relaxed.row_start[:-1] + offsets
-        run_entries, segments, run_start = _row_entries(relaxed.row_start, outside)
+        run_entries, segments, run_start = _row_entries(relaxed.row_start, rescored)
         values = relaxed.scores[run_entries] - prices[relaxed.classes[run_entries]]
-        entries[outside] = run_entries[_run_argmax(values, run_start, segments)]
+        entries[rescored] = run_entries[_run_argmax(values, run_start, segments)]
         entries, prices = _assigned_entries(relaxed, relaxed_capacity, max_warm_sweeps, (entries, prices))
 
 
