@@ -419,21 +419,36 @@ def _shortest_augmenting_paths(
     counts = np.bincount(labels, minlength=n_classes)
     cheapest = np.full((n_classes, n_classes), np.inf)  # (K, K) min over j in a of score(j, a) - score(j, b)
     cheapest_entry = np.zeros((n_classes, n_classes), dtype=np.int64)  # (K, K) the entry (j, b) attaining it
+    by_class = np.argsort(labels, kind="stable")
+    members = np.split(by_class, np.cumsum(counts)[:-1])  # each class's particles, ascending
+
+    def losses(a: int, particles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(entry, class, loss) of moving each of ``particles`` (in class a) to each other class it lists."""
+        run_entries, segments, _ = _row_entries(table.row_start, particles)
+        loss = table.scores[entries[particles]][segments] - table.scores[run_entries]
+        target = table.classes[run_entries]
+        elsewhere = target != a
+        return run_entries[elsewhere], target[elsewhere], loss[elsewhere]
 
     def refresh_row(a: int) -> None:
         cheapest[a] = np.inf
-        members = np.flatnonzero(labels == a)
-        if members.size == 0:
+        if members[a].size == 0:
             return
-        run_entries, segments, _ = _row_entries(table.row_start, members)
-        loss = table.scores[entries[members]][segments] - table.scores[run_entries]
-        target = table.classes[run_entries]
-        elsewhere = target != a
-        run_entries, loss, target = run_entries[elsewhere], loss[elsewhere], target[elsewhere]
+        run_entries, target, loss = losses(a, members[a])
         np.minimum.at(cheapest[a], target, loss)
         attaining = np.flatnonzero(loss == cheapest[a][target])  # ascending: the first particle wins ties
         classes, first = np.unique(target[attaining], return_index=True)
         cheapest_entry[a, classes] = run_entries[attaining[first]]
+
+    def join(particle: int, a: int) -> None:
+        """``particle`` joins class a: its edges can only lower row a's cheapest."""
+        members[a] = np.insert(members[a], np.searchsorted(members[a], particle), particle)
+        run_entries, target, loss = losses(a, np.array([particle]))
+        incumbent = cheapest_entry[a, target]
+        incumbent_particle = np.searchsorted(table.row_start, incumbent, side="right") - 1
+        better = (loss < cheapest[a, target]) | ((loss == cheapest[a, target]) & (particle < incumbent_particle))
+        cheapest[a, target[better]] = loss[better]
+        cheapest_entry[a, target[better]] = run_entries[better]
 
     for a in range(n_classes):
         refresh_row(a)
@@ -460,11 +475,22 @@ def _shortest_augmenting_paths(
             source = int(predecessor[node])
             moves.append((int(cheapest_entry[source, node]), source, int(node)))
             node = source
-        for entry, _, destination in moves:
-            particle = int(np.searchsorted(table.row_start, entry, side="right") - 1)
-            entries[particle] = entry
-            labels[particle] = destination
         counts[node] -= 1
         counts[target] += 1
-        for a in {source for _, source, _ in moves} | {target}:
+        moved = [(int(np.searchsorted(table.row_start, entry, side="right") - 1), entry, source, destination)
+                 for entry, source, destination in moves]  # (particle, its new entry, from, to)
+        for particle, entry, source, _ in moved:
+            members[source] = members[source][members[source] != particle]
+            entries[particle] = entry
+        # A class that lost a particle may have lost its cheapest edges and is recomputed; one that only gained
+        # a particle can only see its cheapest edges lowered by the newcomer's.
+        sources = {source for _, _, source, _ in moved}
+        for particle, _, _, destination in moved:
+            if destination in sources:
+                members[destination] = np.insert(
+                    members[destination], np.searchsorted(members[destination], particle), particle
+                )
+            else:
+                join(particle, destination)
+        for a in sources:
             refresh_row(a)
