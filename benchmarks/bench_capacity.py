@@ -110,9 +110,9 @@ def measure(n_particles: int, n_classes: int, cap_multiple: float) -> dict[str, 
     gathered = time.perf_counter()
     best = table.classes[table.row_start[:-1]]  # (N,) each row lists its best class first
     table_mb = tracemalloc.get_traced_memory()[0] / 2**20
-    entries, final = capped_assignment_with_rescoring(table, capacity, score_rows)
+    entries, final, prices = capped_assignment_with_rescoring(table, capacity, score_rows)
     solved = time.perf_counter()
-    probability = class_responsibilities(final, capacity)[entries]
+    probability = class_responsibilities(final, capacity, column_scale=np.exp(-prices))[entries]
     done = time.perf_counter()
     peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
@@ -141,7 +141,7 @@ def check_exact(n_particles: int, n_classes: int, cap_multiple: float) -> dict[s
     capacity = np.full(n_classes, int(np.ceil(cap_multiple * n_particles / n_classes)))
     dense = source.rows(np.arange(n_particles))
     dense_labels = capped_assignment(dense, capacity)
-    entries, final = capped_assignment_with_rescoring(kept_classes(source), capacity, source.rows)
+    entries, final, _ = capped_assignment_with_rescoring(kept_classes(source), capacity, source.rows)
     dense_total = float(dense[np.arange(n_particles), dense_labels].sum())
     kept_total = float(final.scores[entries].sum())
     return {"particles": n_particles, "classes": n_classes, "cap_multiple": cap_multiple,

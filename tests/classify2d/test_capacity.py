@@ -110,12 +110,17 @@ def test_assignment_from_each_particles_best_classes_is_the_exact_one(seed: int)
         asked.append(rows)
         return scores[rows]
 
-    entries, final = capped_assignment_with_rescoring(_best_columns(scores, kept), capacity, score_rows)
+    entries, final, prices = capped_assignment_with_rescoring(_best_columns(scores, kept), capacity, score_rows)
 
     labels = final.classes[entries]
     assert np.all(np.bincount(labels, minlength=n_classes) <= capacity)
     np.testing.assert_array_equal(final.scores[entries], scores[np.arange(n_rows), labels])
     assert scores[np.arange(n_rows), labels].sum() == pytest.approx(_slot_optimum(scores, capacity), rel=1e-12)
+    # The prices certify it: every particle at a best class over all K, and only full classes priced.
+    adjusted = scores - prices[None, :]
+    assert np.all(adjusted[np.arange(n_rows), labels] >= adjusted.max(axis=1) - 1e-9)
+    assert np.all(prices >= 0.0)
+    assert np.all(np.bincount(labels, minlength=n_classes)[prices > 1e-9] == capacity[prices > 1e-9])
     rescored = np.concatenate(asked) if asked else np.zeros(0, dtype=np.int64)
     assert np.unique(rescored).size == rescored.size  # no particle is scored twice
     if kept == n_classes:
@@ -136,7 +141,7 @@ def test_a_tight_cap_sends_some_particles_beyond_their_best_classes_and_they_are
         asked.append(rows.size)
         return scores[rows]
 
-    entries, final = capped_assignment_with_rescoring(_best_columns(scores, 2), np.full(n_classes, 100), score_rows)
+    entries, final, _ = capped_assignment_with_rescoring(_best_columns(scores, 2), np.full(n_classes, 100), score_rows)
 
     assert sum(asked) > 0
     np.testing.assert_array_equal(np.bincount(final.classes[entries], minlength=n_classes), np.full(n_classes, 100))
@@ -185,6 +190,11 @@ def test_entry_responsibilities_are_the_posterior_and_the_capped_posterior() -> 
     dense_capped = capped_responsibilities(log_weights, capacity, tolerance=1e-12, max_iterations=20_000)
     np.testing.assert_allclose(sparse_capped.reshape(n_rows, n_classes), dense_capped, rtol=1e-6, atol=1e-9)
     assert np.all(sparse_capped.reshape(n_rows, n_classes).sum(axis=0) <= capacity * (1 + 1e-6))
+    # Started from a hard assignment's prices, it reaches the same scaling.
+    _, _, prices = capped_assignment_with_rescoring(dense, np.floor(capacity), lambda rows: log_weights[rows])
+    warm = class_responsibilities(dense, capacity, column_scale=np.exp(-prices), tolerance=1e-12,
+                                  max_iterations=20_000)
+    np.testing.assert_allclose(warm, sparse_capped, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(30))

@@ -213,7 +213,7 @@ def capped_assignment_with_rescoring(
     score_rows: Callable[[np.ndarray], np.ndarray],
     *,
     max_warm_sweeps: int = 200,
-) -> tuple[np.ndarray, ClassScores]:
+) -> tuple[np.ndarray, ClassScores, np.ndarray]:
     """The exact capped assignment over all K classes when each row lists only its best classes.
 
     Solves a relaxation in which every row may also take one extra, unbounded class scoring its
@@ -221,8 +221,8 @@ def capped_assignment_with_rescoring(
     optimum is attained by a true assignment and is therefore the exact one. Particles that do take it are
     scored again against every class (``score_rows(rows)`` → (V, K)), together with the particles closest to
     taking it (which the next round would otherwise send there), and the problem is solved again; each
-    round lists more rows in full, so it ends. Returns each particle's entry in the final scores (N,) and those
-    scores.
+    round lists more rows in full, so it ends. Returns each particle's entry in the final scores (N,), those
+    scores, and the class prices (K,) proving the assignment optimal (the duals of the capacities).
     """
     capacity = np.asarray(capacity)
     relaxed_capacity = np.append(capacity, scores.n_rows)  # the extra class never fills, so its price stays 0
@@ -234,7 +234,7 @@ def capped_assignment_with_rescoring(
         if outside.size == 0:
             # Every row keeps its own entries first and in order, so the relaxed entry maps back by its offset.
             rows = relaxed.entry_row[entries]
-            return scores.row_start[rows] + (entries - relaxed.row_start[rows]), scores
+            return scores.row_start[rows] + (entries - relaxed.row_start[rows]), scores, prices[:-1]
         # Slack: how much better than the extra class each other partial row's class is under the prices.
         slack = relaxed.scores[entries] - prices[taken] - scores.excluded_bound
         slack[outside] = np.inf
@@ -255,33 +255,39 @@ def capped_assignment_with_rescoring(
 
 
 def class_responsibilities(
-    scores: ClassScores, capacity: np.ndarray | None, *, max_iterations: int = 1000, tolerance: float = 1e-4
+    scores: ClassScores,
+    capacity: np.ndarray | None,
+    *,
+    column_scale: np.ndarray | None = None,
+    max_iterations: int = 1000,
+    tolerance: float = 1e-4,
 ) -> np.ndarray:
     """Each entry's responsibility (E,): the posterior over all K classes, or the capped one (Sinkhorn–Knopp).
 
     The row-compressed counterpart of :func:`capped_responsibilities` for a whole pass. The classes a row leaves
     out keep their mass ``exp(excluded_log_mass)`` unscaled (they are far below the row's best, and a class's
-    column scale is at most 1), so the capped figure is exact when rows list every class.
+    column scale is at most 1), so the capped figure is exact when rows list every class. ``column_scale`` (K,)
+    in (0, 1] is where the scaling starts, e.g. ``exp(−prices)`` of a capped hard assignment of the same scores.
     """
-    entry_row = scores.entry_row
-    row_max = np.maximum(np.maximum.reduceat(scores.scores, scores.row_start[:-1]), scores.excluded_log_mass)
-    kernel = np.exp(scores.scores - row_max[entry_row])  # (E,)
+    row_start = scores.row_start[:-1]
+    lengths = np.diff(scores.row_start)
+    row_max = np.maximum(np.maximum.reduceat(scores.scores, row_start), scores.excluded_log_mass)
+    kernel = np.exp(scores.scores - np.repeat(row_max, lengths))  # (E,)
     rest = np.exp(scores.excluded_log_mass - row_max)  # (N,)
-    column_scale = np.ones(scores.n_classes)  # (K,)
+    scale = np.ones(scores.n_classes) if column_scale is None else np.clip(column_scale, 1e-300, 1.0)  # (K,)
     if capacity is not None:
         capacity = np.asarray(capacity, dtype=np.float64)
         _check_capacity(scores.n_rows, capacity, scores.n_classes)
         for _ in range(max_iterations):
-            row_scale = 1.0 / np.maximum(np.bincount(entry_row, kernel * column_scale[scores.classes], scores.n_rows)
-                                         + rest, 1e-300)
-            demand = np.bincount(scores.classes, kernel * row_scale[entry_row], scores.n_classes)
+            row_scale = 1.0 / np.maximum(np.add.reduceat(kernel * scale[scores.classes], row_start) + rest, 1e-300)
+            demand = np.bincount(scores.classes, kernel * np.repeat(row_scale, lengths), scores.n_classes)
             new_scale = np.minimum(1.0, capacity / np.maximum(demand, 1e-300))
-            change = float(np.max(np.abs(new_scale - column_scale) / np.maximum(new_scale, column_scale)))
-            column_scale = new_scale
+            change = float(np.max(np.abs(new_scale - scale) / np.maximum(new_scale, scale)))
+            scale = new_scale
             if change < tolerance:
                 break
-    weighted = kernel * column_scale[scores.classes]
-    return weighted / (np.bincount(entry_row, weighted, scores.n_rows) + rest)[entry_row]
+    weighted = kernel * scale[scores.classes]
+    return weighted / np.repeat(np.add.reduceat(weighted, row_start) + rest, lengths)
 
 
 def _with_excluded_class(scores: ClassScores) -> ClassScores:
