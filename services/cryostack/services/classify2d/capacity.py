@@ -157,15 +157,7 @@ class ClassScores:
         """These scores with rows ``rows`` (V,) listing every class, from ``full_scores`` (V, K)."""
         lengths = np.diff(self.row_start)
         lengths[rows] = self.n_classes
-        row_start = np.concatenate([[0], np.cumsum(lengths)])
-        kept = np.ones(self.n_rows, dtype=bool)
-        kept[rows] = False
-        old_entries, old_segments, _ = _row_entries(self.row_start, np.flatnonzero(kept))
-        new_positions = row_start[:-1][kept][old_segments] + (old_entries - self.row_start[:-1][kept][old_segments])
-        classes = np.empty(row_start[-1], dtype=np.int32)
-        scores = np.empty(row_start[-1], dtype=np.float64)
-        classes[new_positions] = self.classes[old_entries]
-        scores[new_positions] = self.scores[old_entries]
+        row_start, classes, scores = _widened(self, lengths)
         full_positions = row_start[rows][:, None] + np.arange(self.n_classes)  # (V, K)
         classes[full_positions] = np.arange(self.n_classes)
         scores[full_positions] = full_scores
@@ -239,7 +231,8 @@ def capped_assignment_with_rescoring(
         slack = relaxed.scores[entries] - prices[taken] - scores.excluded_bound
         slack[outside] = np.inf
         slack[~np.isfinite(scores.excluded_bound)] = np.inf
-        nearest = np.argsort(slack, kind="stable")[: _RESCORE_AHEAD * outside.size]
+        ahead = min(_RESCORE_AHEAD * outside.size, slack.size - 1)
+        nearest = np.argpartition(slack, ahead)[:ahead]
         rescored = np.union1d(outside, nearest[np.isfinite(slack[nearest])])
         scores = scores.with_full_rows(rescored, to_host(score_rows(rescored)).astype(np.float64, copy=False))
         # Warm start from the last optimum: the other rows keep their entries (at the same offsets) and prices;
@@ -294,19 +287,25 @@ def _with_excluded_class(scores: ClassScores) -> ClassScores:
     """``scores`` with one more class, K, after each row's own entries in the rows that leave classes out, scoring
     their ``excluded_bound``."""
     partial = np.isfinite(scores.excluded_bound)
-    lengths = np.diff(scores.row_start) + partial
-    row_start = np.concatenate([[0], np.cumsum(lengths)])
-    entries, segments, _ = _row_entries(scores.row_start, np.arange(scores.n_rows))
-    positions = row_start[:-1][segments] + (entries - scores.row_start[:-1][segments])
-    classes = np.empty(row_start[-1], dtype=np.int32)
-    values = np.empty(row_start[-1], dtype=np.float64)
-    classes[positions] = scores.classes
-    values[positions] = scores.scores
+    row_start, classes, values = _widened(scores, np.diff(scores.row_start) + partial)
     last = row_start[1:][partial] - 1
     classes[last] = scores.n_classes
     values[last] = scores.excluded_bound[partial]
     no_rest = np.full(scores.n_rows, -np.inf)
     return ClassScores(row_start, classes, values, no_rest, no_rest.copy(), scores.n_classes + 1)
+
+
+def _widened(scores: ClassScores, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``lengths`` (N,), each at least as long as now: their starts (N + 1,), and classes and scores (E',)
+    with every row's present entries copied to the front of its run (the rest left to fill)."""
+    row_start = np.concatenate([[0], np.cumsum(lengths)])
+    entry_row = scores.entry_row
+    positions = row_start[:-1][entry_row] + (np.arange(scores.classes.size) - scores.row_start[:-1][entry_row])
+    classes = np.empty(row_start[-1], dtype=np.int32)
+    values = np.empty(row_start[-1], dtype=np.float64)
+    classes[positions] = scores.classes
+    values[positions] = scores.scores
+    return row_start, classes, values
 
 
 def _row_entries(row_start: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
