@@ -7,6 +7,7 @@ import pytest
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment, linprog
 
+from cryostack.services.classify2d import capacity as capacity_module
 from cryostack.services.classify2d.capacity import (
     ClassScores,
     batch_capacity,
@@ -75,6 +76,28 @@ def test_hard_assignment_matches_linear_program_with_a_crowded_class() -> None:
     )
     assert result.status == 0
     assert scores[np.arange(n_rows), labels].sum() == pytest.approx(-result.fun, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_phase_gives_the_same_assignment_whatever_it_keeps_per_pair_of_classes(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(200 + seed)
+    n_rows, n_classes = 300, 8
+    # Most particles prefer the last classes; rounding makes ties, which must be broken the same way.
+    scores = np.round(rng.normal(size=(n_rows, n_classes)) * 2.0 + np.linspace(0.0, 6.0, n_classes))
+    capacity = _random_capacity(rng, n_rows, n_classes)
+
+    # No warm start: every surplus particle moves along a shortest path, draining each pair's candidates.
+    labels = {}
+    for kept in (1, 2, 64):
+        monkeypatch.setattr(capacity_module, "_EDGE_CANDIDATES", kept)
+        labels[kept] = capped_assignment(scores, capacity, max_warm_sweeps=0)
+
+    assert np.all(np.bincount(labels[64], minlength=n_classes) <= capacity)
+    assert scores[np.arange(n_rows), labels[64]].sum() == pytest.approx(_slot_optimum(scores, capacity), rel=1e-12)
+    np.testing.assert_array_equal(labels[1], labels[64])
+    np.testing.assert_array_equal(labels[2], labels[64])
 
 
 def test_hard_assignment_without_a_binding_cap_is_the_argmax() -> None:

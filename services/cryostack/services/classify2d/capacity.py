@@ -34,6 +34,8 @@ from cryostack.core.backend import array_module, to_host
 # For each particle a round finds taking the extra class, this many of those closest to taking it are scored again
 # with it: fewer rounds (each a solve and a read) for a few more particles scored.
 _RESCORE_AHEAD = 2
+# The exact phase keeps, per pair of classes, this many of the cheapest particles to move between them.
+_EDGE_CANDIDATES = 64
 
 
 def batch_capacity(capacity: np.ndarray, batch_size: int, n_particles: int) -> np.ndarray:
@@ -418,45 +420,83 @@ def _shortest_augmenting_paths(
     because j sits at a best class. Dijkstra over the K classes (edge a→b: the cheapest particle of a) from the
     over-full classes finds the nearest class with room; raising prices by the distances keeps every particle
     at a best class and makes the path free, so the final assignment is optimal with ``prices`` as its duals.
+
+    A particle's loss of moving from a to b does not depend on prices, so each edge keeps its
+    ``_EDGE_CANDIDATES`` cheapest particles from the last scan of its class; when particles leave a class its
+    edges fall back on the next candidates still there (and those that joined since), and the class's members
+    are scanned again only when an edge has used up its candidates.
     """
     n_classes = table.n_classes
-    labels = table.classes[entries]
+    labels = table.classes[entries].astype(np.int64)  # (N,) each particle's class, kept current
     counts = np.bincount(labels, minlength=n_classes)
     cheapest = np.full((n_classes, n_classes), np.inf)  # (K, K) min over j in a of score(j, a) - score(j, b)
     cheapest_entry = np.zeros((n_classes, n_classes), dtype=np.int64)  # (K, K) the entry (j, b) attaining it
+    # Each class's edges' cheapest particles at its last scan, by (loss, particle): (K, K, C) from-class, to-class.
+    candidates_shape = (n_classes, n_classes, _EDGE_CANDIDATES)
+    candidate_loss = np.full(candidates_shape, np.inf)
+    candidate_particle = np.full(candidates_shape, -1, dtype=np.int64)
+    candidate_entry = np.zeros(candidates_shape, dtype=np.int64)
+    truncated = np.zeros((n_classes, n_classes), dtype=bool)  # (K, K) more particles had the edge than were kept
+    joined: list[list[int]] = [[] for _ in range(n_classes)]  # particles that joined each class since its scan
     by_class = np.argsort(labels, kind="stable")
     members = np.split(by_class, np.cumsum(counts)[:-1])  # each class's particles, ascending
+    every_class = np.arange(n_classes)
 
-    def losses(a: int, particles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(entry, class, loss) of moving each of ``particles`` (in class a) to each other class it lists."""
+    def edges(a: int, particles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(entry, class, loss, particle) of moving each of ``particles`` (in class a) to each other class it lists."""
         run_entries, segments, _ = _row_entries(table.row_start, particles)
         loss = table.scores[entries[particles]][segments] - table.scores[run_entries]
         target = table.classes[run_entries]
         elsewhere = target != a
-        return run_entries[elsewhere], target[elsewhere], loss[elsewhere]
+        return run_entries[elsewhere], target[elsewhere], loss[elsewhere], particles[segments[elsewhere]]
 
-    def refresh_row(a: int) -> None:
-        cheapest[a] = np.inf
-        if members[a].size == 0:
-            return
-        run_entries, target, loss = losses(a, members[a])
-        np.minimum.at(cheapest[a], target, loss)
-        attaining = np.flatnonzero(loss == cheapest[a][target])  # ascending: the first particle wins ties
-        classes, first = np.unique(target[attaining], return_index=True)
-        cheapest_entry[a, classes] = run_entries[attaining[first]]
-
-    def join(particle: int, a: int) -> None:
-        """``particle`` joins class a: its edges can only lower row a's cheapest."""
-        members[a] = np.insert(members[a], np.searchsorted(members[a], particle), particle)
-        run_entries, target, loss = losses(a, np.array([particle]))
-        incumbent = cheapest_entry[a, target]
-        incumbent_particle = np.searchsorted(table.row_start, incumbent, side="right") - 1
-        better = (loss < cheapest[a, target]) | ((loss == cheapest[a, target]) & (particle < incumbent_particle))
+    def fold(a: int, particles: np.ndarray) -> None:
+        """Lower row a's cheapest edges by those of ``particles`` (in class a); ties go to the lower particle."""
+        run_entries, target, loss, particle = edges(a, particles)
+        order = np.lexsort((particle, loss))
+        target, first = np.unique(target[order], return_index=True)
+        run_entries, loss, particle = run_entries[order[first]], loss[order[first]], particle[order[first]]
+        incumbent = np.searchsorted(table.row_start, cheapest_entry[a, target], side="right") - 1
+        better = (loss < cheapest[a, target]) | ((loss == cheapest[a, target]) & (particle < incumbent))
         cheapest[a, target[better]] = loss[better]
         cheapest_entry[a, target[better]] = run_entries[better]
 
+    def scan(a: int) -> None:
+        """Row a's edges and candidates from all its members."""
+        joined[a] = []
+        cheapest[a] = np.inf
+        candidate_loss[a] = np.inf
+        candidate_particle[a] = -1
+        run_entries, target, loss, particle = edges(a, members[a])
+        order = np.lexsort((particle, loss, target))
+        target = target[order]
+        rank = np.arange(target.size) - np.searchsorted(target, target, side="left")
+        truncated[a] = np.bincount(target, minlength=n_classes) > _EDGE_CANDIDATES
+        kept = rank < _EDGE_CANDIDATES
+        chosen, target, rank = order[kept], target[kept], rank[kept]
+        candidate_loss[a, target, rank] = loss[chosen]
+        candidate_particle[a, target, rank] = particle[chosen]
+        candidate_entry[a, target, rank] = run_entries[chosen]
+        head = rank == 0
+        cheapest[a, target[head]] = loss[chosen[head]]
+        cheapest_entry[a, target[head]] = run_entries[chosen[head]]
+
+    def refresh(a: int) -> None:
+        """Row a's edges after some of its particles left: the first candidates still in a, and the joiners'."""
+        present = (labels[np.maximum(candidate_particle[a], 0)] == a) & (candidate_particle[a] >= 0)  # (K, C)
+        remaining = present.any(axis=1)
+        if np.any(~remaining & truncated[a]):
+            scan(a)
+            return
+        first = present.argmax(axis=1)
+        cheapest[a] = np.where(remaining, candidate_loss[a, every_class, first], np.inf)
+        cheapest_entry[a] = candidate_entry[a, every_class, first]
+        stayed = [particle for particle in joined[a] if labels[particle] == a]
+        if stayed:
+            fold(a, np.unique(stayed))
+
     for a in range(n_classes):
-        refresh_row(a)
+        scan(a)
 
     while True:
         surplus = np.flatnonzero(counts > cap)
@@ -484,18 +524,19 @@ def _shortest_augmenting_paths(
         counts[target] += 1
         moved = [(int(np.searchsorted(table.row_start, entry, side="right") - 1), entry, source, destination)
                  for entry, source, destination in moves]  # (particle, its new entry, from, to)
-        for particle, entry, source, _ in moved:
+        for particle, entry, source, destination in moved:
             members[source] = members[source][members[source] != particle]
             entries[particle] = entry
-        # A class that lost a particle may have lost its cheapest edges and is recomputed; one that only gained
+            labels[particle] = destination
+        # A class that lost a particle may have lost its cheapest edges and is refreshed; one that only gained
         # a particle can only see its cheapest edges lowered by the newcomer's.
         sources = {source for _, _, source, _ in moved}
         for particle, _, _, destination in moved:
-            if destination in sources:
-                members[destination] = np.insert(
-                    members[destination], np.searchsorted(members[destination], particle), particle
-                )
-            else:
-                join(particle, destination)
+            members[destination] = np.insert(
+                members[destination], np.searchsorted(members[destination], particle), particle
+            )
+            joined[destination].append(particle)
+            if destination not in sources:
+                fold(destination, np.array([particle]))
         for a in sources:
-            refresh_row(a)
+            refresh(a)
