@@ -112,7 +112,7 @@ def measure(n_particles: int, n_classes: int, cap_multiple: float) -> dict[str, 
     table_mb = tracemalloc.get_traced_memory()[0] / 2**20
     entries, final, prices = capped_assignment_with_rescoring(table, capacity, score_rows)
     solved = time.perf_counter()
-    probability = class_responsibilities(final, capacity, column_scale=np.exp(-prices))[entries]
+    probability = class_responsibilities(final, capacity, start_log_scale=-prices)[entries]
     done = time.perf_counter()
     peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()

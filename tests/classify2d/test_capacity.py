@@ -209,15 +209,31 @@ def test_entry_responsibilities_are_the_posterior_and_the_capped_posterior() -> 
     # Capped with every class listed, it is the Sinkhorn–Knopp scaling of the dense E-step.
     capacity = np.full(n_classes, 1.2 * n_rows / n_classes)
     dense = ClassScores.dense(log_weights)
-    sparse_capped = class_responsibilities(dense, capacity, tolerance=1e-12, max_iterations=20_000)
+    sparse_capped = class_responsibilities(dense, capacity, tolerance=1e-9)
     dense_capped = capped_responsibilities(log_weights, capacity, tolerance=1e-12, max_iterations=20_000)
     np.testing.assert_allclose(sparse_capped.reshape(n_rows, n_classes), dense_capped, rtol=1e-6, atol=1e-9)
     assert np.all(sparse_capped.reshape(n_rows, n_classes).sum(axis=0) <= capacity * (1 + 1e-6))
     # Started from a hard assignment's prices, it reaches the same scaling.
     _, _, prices = capped_assignment_with_rescoring(dense, np.floor(capacity), lambda rows: log_weights[rows])
-    warm = class_responsibilities(dense, capacity, column_scale=np.exp(-prices), tolerance=1e-12,
-                                  max_iterations=20_000)
+    warm = class_responsibilities(dense, capacity, start_log_scale=-prices, tolerance=1e-9)
     np.testing.assert_allclose(warm, sparse_capped, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("scale", [0.1, 3.0, 50.0, 2000.0])
+def test_entry_responsibilities_respect_the_capacities_however_peaked_the_scores(seed: int, scale: float) -> None:
+    rng = np.random.default_rng(300 + seed)
+    n_rows, n_classes = int(rng.integers(1, 300)), int(rng.integers(1, 12))
+    log_weights = rng.normal(size=(n_rows, n_classes)) * scale + rng.normal(size=n_classes) * scale
+    capacity = _random_capacity(rng, n_rows, n_classes).astype(np.float64)  # some classes may hold nobody
+    table = ClassScores.dense(log_weights)
+
+    responsibilities = class_responsibilities(table, capacity)
+
+    assert np.all(np.isfinite(responsibilities)) and np.all(responsibilities >= 0.0)
+    np.testing.assert_allclose(responsibilities.reshape(n_rows, n_classes).sum(axis=1), 1.0, rtol=1e-12)
+    occupancy = responsibilities.reshape(n_rows, n_classes).sum(axis=0)
+    assert np.all(occupancy <= capacity + 1e-3)  # the default tolerance, in particles
 
 
 @pytest.mark.parametrize("seed", range(30))

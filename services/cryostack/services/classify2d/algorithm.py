@@ -768,11 +768,11 @@ class Classifier2D:
 
         if self.capacity is None:
             entries = scores.row_start[:-1]  # each row's best class comes first
-            capacity = column_scale = None
+            capacity = start_log_scale = None
         else:
             capacity = np.full(k, self.capacity)
             entries, scores, prices = capped_assignment_with_rescoring(scores, capacity, score_every_class)
-            column_scale = np.exp(-prices)  # the soft cap's scaling starts from the hard one's duals
+            start_log_scale = -prices  # the soft cap's scaling starts from the hard one's duals
         labels = scores.classes[entries].astype(np.int64)
         # The label's column among the kept classes; a row scored again lists all K, and its pose is taken below.
         columns = np.minimum(entries - scores.row_start[:-1], alignment.classes.shape[1] - 1)  # (N,)
@@ -786,7 +786,7 @@ class Classifier2D:
                         sum(rows.size for rows, _ in rescored))
         return FinalAssignment(
             labels=labels, psi_deg=psi_deg, shift_px=shift_px,
-            probability=class_responsibilities(scores, capacity, column_scale=column_scale)[entries],
+            probability=class_responsibilities(scores, capacity, start_log_scale=start_log_scale)[entries],
         )
 
     def _responsibilities(self, log_weights: np.ndarray, batch_size: int) -> np.ndarray:

@@ -14,7 +14,8 @@ Two operations keep class occupancy within a capacity:
 A whole pass keeps each particle's few best classes (:class:`ClassScores`, row-compressed) rather than an (N, K)
 table: :func:`capped_assignment_with_rescoring` is still exact over all K classes (it scores again, against every
 class, the few particles a relaxation would send beyond their list), and :func:`class_responsibilities` gives
-the posterior, capped or not, of the listed classes.
+the posterior, capped or not, of the listed classes (the capped one by a quasi-Newton solve of the same scaling's
+dual, which needs far fewer passes over a million rows than Sinkhorn–Knopp).
 
 All accept any capacities whose sum is at least the number of particles.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize
 from scipy.sparse.csgraph import csgraph_from_dense, dijkstra
 
 from cryostack.core.backend import array_module, to_host
@@ -253,36 +255,54 @@ def class_responsibilities(
     scores: ClassScores,
     capacity: np.ndarray | None,
     *,
-    column_scale: np.ndarray | None = None,
+    start_log_scale: np.ndarray | None = None,
     max_iterations: int = 1000,
-    tolerance: float = 1e-4,
+    tolerance: float = 1e-3,
 ) -> np.ndarray:
-    """Each entry's responsibility (E,): the posterior over all K classes, or the capped one (Sinkhorn–Knopp).
+    """Each entry's responsibility (E,): the posterior over all K classes, or the capped one.
 
-    The row-compressed counterpart of :func:`capped_responsibilities` for a whole pass. The classes a row leaves
-    out keep their mass ``exp(excluded_log_mass)`` unscaled (they are far below the row's best, and a class's
-    column scale is at most 1), so the capped figure is exact when rows list every class. ``column_scale`` (K,)
-    in (0, 1] is where the scaling starts, e.g. ``exp(−prices)`` of a capped hard assignment of the same scores.
+    The row-compressed counterpart of :func:`capped_responsibilities` for a whole pass, solving the same scaling
+    on its dual: the responsibilities are ``exp(score + β_k) / Z_i`` with column log-scales ``β ≤ 0`` (K,)
+    minimising the convex ``F(β) = Σ_i log Z_i(β) − Σ_k capacity_k β_k``, whose gradient is each class's expected
+    occupancy minus its capacity; at the minimum no class is above its capacity and a class scaled down is exactly
+    at it, the point Sinkhorn–Knopp converges to. L-BFGS-B reaches it in tens of passes over the table where
+    Sinkhorn–Knopp takes hundreds when a cap binds on many classes. ``tolerance``: the largest such gradient
+    component, in particles. ``start_log_scale`` (K,) is where β starts, e.g. ``−prices`` of a capped hard
+    assignment of the same scores (its zero-temperature limit).
+
+    The classes a row leaves out keep their mass ``exp(excluded_log_mass)`` unscaled (they are far below the row's
+    best, and a class's scale is at most 1), so the capped figure is exact when rows list every class.
     """
     row_start = scores.row_start[:-1]
     lengths = np.diff(scores.row_start)
-    row_max = np.maximum(np.maximum.reduceat(scores.scores, row_start), scores.excluded_log_mass)
-    kernel = np.exp(scores.scores - np.repeat(row_max, lengths))  # (E,)
-    rest = np.exp(scores.excluded_log_mass - row_max)  # (N,)
-    scale = np.ones(scores.n_classes) if column_scale is None else np.clip(column_scale, 1e-300, 1.0)  # (K,)
+    n_classes = scores.n_classes
+    if scores.n_rows == 0:
+        return np.zeros(0)
+
+    def posterior(log_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Responsibilities (E,) and each row's log-normaliser (N,) under column log-scales (K,)."""
+        shifted = scores.scores + log_scale[scores.classes]  # (E,)
+        row_max = np.maximum(np.maximum.reduceat(shifted, row_start), scores.excluded_log_mass)  # (N,)
+        kernel = np.exp(shifted - np.repeat(row_max, lengths))
+        row_sum = np.add.reduceat(kernel, row_start) + np.exp(scores.excluded_log_mass - row_max)  # (N,) ≥ 1
+        return kernel / np.repeat(row_sum, lengths), row_max + np.log(row_sum)
+
+    log_scale = np.zeros(n_classes)
     if capacity is not None:
         capacity = np.asarray(capacity, dtype=np.float64)
-        _check_capacity(scores.n_rows, capacity, scores.n_classes)
-        for _ in range(max_iterations):
-            row_scale = 1.0 / np.maximum(np.add.reduceat(kernel * scale[scores.classes], row_start) + rest, 1e-300)
-            demand = np.bincount(scores.classes, kernel * np.repeat(row_scale, lengths), scores.n_classes)
-            new_scale = np.minimum(1.0, capacity / np.maximum(demand, 1e-300))
-            change = float(np.max(np.abs(new_scale - scale) / np.maximum(new_scale, scale)))
-            scale = new_scale
-            if change < tolerance:
-                break
-    weighted = kernel * scale[scores.classes]
-    return weighted / np.repeat(np.add.reduceat(weighted, row_start) + rest, lengths)
+        _check_capacity(scores.n_rows, capacity, n_classes)
+
+        def objective(log_scale: np.ndarray) -> tuple[float, np.ndarray]:
+            responsibilities, log_normaliser = posterior(log_scale)
+            occupancy = np.bincount(scores.classes, responsibilities, n_classes)
+            return float(log_normaliser.sum() - capacity @ log_scale), occupancy - capacity
+
+        start = log_scale if start_log_scale is None else np.minimum(start_log_scale, 0.0)
+        log_scale = minimize(
+            objective, start, jac=True, method="L-BFGS-B", bounds=[(None, 0.0)] * n_classes,
+            options={"maxiter": max_iterations, "gtol": tolerance, "ftol": 0.0, "maxcor": 20},
+        ).x
+    return posterior(log_scale)[0]
 
 
 def _with_excluded_class(scores: ClassScores) -> ClassScores:
