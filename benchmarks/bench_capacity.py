@@ -1,6 +1,6 @@
 """The 2D final pass's capped hard assignment at a million particles: time and peak memory.
 
-A final pass keeps each particle's ``FINAL_CANDIDATE_CLASSES`` best classes (scores in a row-compressed table) and
+A final pass keeps each particle's ``PASS_KEPT_CLASSES`` best classes (scores in a row-compressed table) and
 solves the exact capped assignment over all K classes, scoring again the particles a relaxation sends beyond their
 list (:func:`cryostack.services.classify2d.capacity.capped_assignment_with_rescoring`), then the probability of
 each assigned class (:func:`~cryostack.services.classify2d.capacity.class_responsibilities`). This measures that
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cryostack.services.classify2d.algorithm import FINAL_CANDIDATE_CLASSES
+from cryostack.services.classify2d.algorithm import PASS_KEPT_CLASSES
 from cryostack.services.classify2d.capacity import (
     ClassScores,
     capped_assignment,
@@ -80,7 +80,7 @@ class SyntheticScores:
 
 def kept_classes(source: SyntheticScores) -> ClassScores:
     """Each particle's best classes, gathered chunk by chunk as the final pass does."""
-    n, kept = source.n_particles, min(FINAL_CANDIDATE_CLASSES, source.n_classes)
+    n, kept = source.n_particles, min(PASS_KEPT_CLASSES, source.n_classes)
     classes = np.empty((n, kept), dtype=np.int32)
     scores = np.empty((n, kept))
     bound = np.empty(n)
@@ -120,7 +120,7 @@ def measure(n_particles: int, n_classes: int, cap_multiple: float) -> dict[str, 
     counts = np.bincount(labels, minlength=n_classes)
     wanted = np.bincount(np.argmax(source.rows(np.arange(min(n_particles, 100_000))), axis=1), minlength=n_classes)
     return {
-        "particles": n_particles, "classes": n_classes, "kept_classes": FINAL_CANDIDATE_CLASSES,
+        "particles": n_particles, "classes": n_classes, "kept_classes": PASS_KEPT_CLASSES,
         "cap": int(capacity[0]), "cap_multiple": cap_multiple,
         "largest_class_wanted_x_mean": float(wanted.max() / wanted.mean()),
         "gather_s": gathered - start, "assignment_s": solved - gathered, "probability_s": done - solved,

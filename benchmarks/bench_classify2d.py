@@ -17,10 +17,10 @@ read back in batches with plain file reads, as a job streams them from the store
   ``--sweep-snrs`` (0.03 … 1.0): where the per-class purity bar is data-limited and where it is not.
 - ``timing``: wall time, particles/s (particle × iteration evaluations per second), peak RSS for N in
   ``--timing-particles`` and K in ``--timing-classes``, with the schedule reduced to ``--timing-online`` online
-  iterations + 1 full pass, each without a cap and with a cap of ``--timing-cap-multiple`` × N/K (default 1.0, the
-  tightest, where the final pass's exact assignment moves the most particles and scores some of them again against
-  every class; the count is in the record); the full-schedule time is extrapolated from the measured
-  per-iteration times.
+  iterations + ``--timing-full`` full passes (default 1; those before the last are soft), each without a cap and
+  with a cap of ``--timing-cap-multiple`` × N/K (default 1.0, the tightest, where the final pass's exact
+  assignment moves the most particles and scores some of them again against every class; the counts are in the
+  record); the full-schedule time is extrapolated from the measured per-iteration times.
 - every cryostack run reports the scoring kernel's share of the wall time and its GFLOP/s (the coarse global
   search through :func:`cryostack.core.scoring.iter_log_likelihoods` and the local refinement's batched GEMMs) next
   to SGEMM GFLOP/s measured in the same process.
@@ -187,15 +187,20 @@ def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator:
 
 
 class RescoredCount(logging.Handler):
-    """Counts the particles the final capped assignment scored again against every class (from the log)."""
+    """Counts the particles the capped E-steps of full passes scored again against every class (from the log): in
+    the final assignment and in soft passes."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.particles = 0
+        self.final = 0
+        self.soft = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         if "scored again against every class" in record.msg:
-            self.particles += int(record.args[0])
+            if record.msg.startswith("soft full pass"):
+                self.soft += int(record.args[0])
+            else:
+                self.final += int(record.args[0])
 
 
 def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, cap_multiple: float | None,
@@ -243,7 +248,8 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
         "iteration_times_s": [round(t, 2) for _, t, _ in stamps],
         "resolution_a_per_iteration": [round(r, 2) for _, _, r in stamps],
         "steady_online_iteration_s": steady, "full_pass_s": full_time,
-        "final_pass_particles_scored_again": rescored.particles,
+        "final_pass_particles_scored_again": rescored.final,
+        "soft_passes_particles_scored_again": rescored.soft,
         "extrapolated_full_schedule_s": extrapolated,
         "scoring_kernel": {"seconds": meter.seconds, "share_of_wall": meter.seconds / wall,
                            "gflops": meter.flops / max(meter.seconds, 1e-9) / 1e9, "sgemm_gflops": sgemm,
@@ -505,6 +511,7 @@ def main() -> None:
     parser.add_argument("--timing-particles", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--timing-classes", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--timing-online", type=int, default=2)
+    parser.add_argument("--timing-full", type=int, default=1, help="full passes of the timing runs (the last hard)")
     parser.add_argument("--timing-cap-multiple", type=float, default=1.0)
     parser.add_argument("--sweep-multiples", type=float, nargs="+", default=[1.0, 1.2, 1.5, 2.0])
     parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -532,7 +539,7 @@ def main() -> None:
     if "timing" in args.cases:
         specs += [
             {"kind": "cryostack", "label": f"timing_{n}_{k}{'_cap' if multiple else ''}", "particles": n, "classes": k,
-             "online": args.timing_online, "quality": False, "cap_multiple": multiple}
+             "online": args.timing_online, "final_full": args.timing_full, "quality": False, "cap_multiple": multiple}
             for n in args.timing_particles for k in args.timing_classes for multiple in (None, args.timing_cap_multiple)
         ]
     if "cap_sweep" in args.cases:

@@ -114,7 +114,7 @@ def test_the_final_pass_keeps_few_classes_per_particle_and_assigns_as_if_it_kept
     params = Classify2DParameters(class_count=4, max_particles_per_class_count=75, **FAST)
 
     def run(kept_classes: int) -> ClassificationResult:
-        monkeypatch.setattr(algorithm, "FINAL_CANDIDATE_CLASSES", kept_classes)
+        monkeypatch.setattr(algorithm, "PASS_KEPT_CLASSES", kept_classes)
         return Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=2).run()
 
     every = run(4)
@@ -128,6 +128,47 @@ def test_the_final_pass_keeps_few_classes_per_particle_and_assigns_as_if_it_kept
     np.testing.assert_allclose(best_only.assignment.shift_px, every.assignment.shift_px)
     np.testing.assert_allclose(best_only.assignment.probability, every.assignment.probability, rtol=1e-3)
     np.testing.assert_allclose(best_only.averages, every.averages, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("cap", "force_max"), [(None, True), (60, True), (60, False)], ids=["uncapped", "capped", "capped-marginal"]
+)
+def test_soft_full_passes_keep_few_classes_per_particle_and_insert_as_if_they_kept_all(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, cap: int | None, force_max: bool
+) -> None:
+    data = make_set(two_references(32), 300, seed=8, snr=0.3, with_ctf=True, proportions=np.array([0.8, 0.2]))
+    # Two soft full passes after the online ones, then the hard one.
+    params = Classify2DParameters(class_count=6, max_particles_per_class_count=cap,
+                                  force_max_over_poses_shifts=force_max,
+                                  **{**FAST, "online_em_iterations": 2, "final_full_iterations": 3})
+
+    def run(kept_classes: int) -> tuple[ClassificationResult, list[np.ndarray]]:
+        monkeypatch.setattr(algorithm, "PASS_KEPT_CLASSES", kept_classes)
+        occupancies: list[np.ndarray] = []
+        result = Classifier2D(params, ArrayParticles(data.images), PIXEL_SIZE_A, data.ctf, seed=3).run(
+            on_iteration=lambda state, report: occupancies.append(report.occupancy)
+        )
+        return result, occupancies[2:4]  # the soft full passes' expected occupancies
+
+    every, every_occupancy = run(6)
+    with caplog.at_level("INFO", logger=algorithm.__name__):
+        few, few_occupancy = run(algorithm.INSERT_CLASSES)
+
+    # The cap scales the crowded classes down until some particles belong elsewhere: those are scored again.
+    assert ("soft full pass" in caplog.text) == (cap is not None)
+
+    # A particle enters at most INSERT_CLASSES classes: keeping that many loses nothing it would insert.
+    np.testing.assert_array_equal(few.assignment.labels, every.assignment.labels)
+    np.testing.assert_allclose(few.averages, every.averages, rtol=1e-5, atol=1e-6 * np.abs(every.averages).max())
+    for occupancy in every_occupancy:
+        assert occupancy.sum() == pytest.approx(300, rel=1e-9)
+    for occupancy in few_occupancy:  # less what the left-out classes hold: under MIN_INSERT_WEIGHT of a particle
+        assert 300 * (1 - algorithm.MIN_INSERT_WEIGHT) <= occupancy.sum() <= 300 * (1 + 1e-9)
+    for occupancy in every_occupancy + few_occupancy:
+        if cap is not None:
+            assert np.all(occupancy <= cap + 1e-3)  # the capped E-step's tolerance, in particles
+    if cap is not None:
+        assert max(occupancy.max() for occupancy in every_occupancy) == pytest.approx(cap, abs=1e-3)  # it binds
 
 
 def test_resumed_run_ends_equal_to_an_uninterrupted_one() -> None:

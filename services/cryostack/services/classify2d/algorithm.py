@@ -24,9 +24,11 @@ factor (a temperature, annealed linearly from its initial value to 1 over the on
 cap scaled to the minibatch (``cap · B / N``) in online iterations and the full cap in full passes. The last full
 iteration assigns every particle to exactly one class, by the exact capacitated assignment
 (:func:`capacity.capped_assignment_with_rescoring`) when capped, and reconstructs the classes from those hard
-assignments, so reported counts, class averages and ``particles.star`` agree and no class exceeds the cap. That pass
-keeps only each particle's :data:`FINAL_CANDIDATE_CLASSES` best classes with their poses (memory grows with N, not
-N·K); the assignment stays exact over all K classes by scoring again the few particles it would move further.
+assignments, so reported counts, class averages and ``particles.star`` agree and no class exceeds the cap. Full
+passes keep only each particle's :data:`PASS_KEPT_CLASSES` best classes with their poses (memory grows with N, not
+N·K): a soft pass's capped responsibilities are those of the kept classes
+(:func:`capacity.class_responsibilities`), and the final assignment stays exact over all K classes by scoring again
+the few particles it would move further.
 
 M-step. CTF-weighted sums ``Σ r·CTF·X`` and ``Σ r·CTF²`` are inserted at each particle's pose into padded 2D
 Fourier accumulators (zero-pad factor), one per class and random half-set. Online-EM iterations work on random
@@ -125,9 +127,10 @@ RESOLUTION_MARGIN_SHELLS = 3
 COARSE_SHELLS = 8
 # Classes per particle refined by the local search.
 CANDIDATE_CLASSES = 4
-# Classes per particle the final pass keeps (best first) for the hard assignment, so that its tables grow with N,
-# not N·K; particles the capped assignment would move further down their list are scored again against every class.
-FINAL_CANDIDATE_CLASSES = 16
+# Classes per particle a full pass keeps (best first), so that its tables grow with N, not N·K: at least
+# INSERT_CLASSES, as many as the capped E-step may reach; particles the final capped assignment would move further
+# down their list are scored again against every class.
+PASS_KEPT_CLASSES = 16
 # Shift search range as a fraction of the box width (RELION/cryoSPARC search about this much).
 MAX_SHIFT_FRACTION = 0.1
 # Floor of the online-EM step size: the running sums remember about 1 / ETA_MIN minibatches.
@@ -520,16 +523,18 @@ class _Alignment:
             residual_count = residual_count + part.residual_count
         return _Alignment(**table, residual_power=np.asarray(residual_power), residual_count=np.asarray(residual_count))
 
-    def best_classes(self, count: int) -> _Alignment:
-        """The alignment restricted to each particle's ``count`` best classes (best first), hard poses only."""
+    def best_classes(self, count: int, *, marginal_poses: bool) -> _Alignment:
+        """The alignment restricted to each particle's ``count`` best classes (best first); with ``marginal_poses``
+        the local search's top poses of its candidate classes stay (they grow with N, not K)."""
         top, bound, log_mass = top_class_columns(self.class_ll, count)  # (B, M), (B,), (B,)
-        return _Alignment(
+        return replace(
+            self,
             class_ll=np.take_along_axis(self.class_ll, top, axis=1),
             angle_deg=np.take_along_axis(self.angle_deg, top, axis=1),
             shift_px=np.take_along_axis(self.shift_px, top[:, :, None], axis=1),
-            candidates=None, pose_angle_deg=None, pose_shift_px=None, pose_weight=None,
-            residual_power=self.residual_power, residual_count=self.residual_count,
             classes=top.astype(np.int32), excluded_bound=bound, excluded_log_mass=log_mass,
+            **({} if marginal_poses else dict(candidates=None, pose_angle_deg=None, pose_shift_px=None,
+                                              pose_weight=None)),
         )
 
     def take(self, rows: np.ndarray) -> _Alignment:
@@ -718,15 +723,17 @@ class Classifier2D:
         scorer = self._scorer(state, plan, iteration)
 
         def aligned_batches() -> Iterator[tuple[np.ndarray, _Alignment]]:
+            """Each particle's best classes with their poses (a soft pass also keeps its candidates' marginal
+            poses)."""
             for rows, images in self.particles.iter_batches(None, PASS_BATCH):
                 if cancel is not None:
                     cancel()
-                yield rows, scorer(self._prepare(rows, images))
+                aligned = scorer(self._prepare(rows, images))
+                yield rows, aligned.best_classes(PASS_KEPT_CLASSES, marginal_poses=not final)
 
+        alignment = _Alignment.gather(aligned_batches(), self.n_particles)
         weights_of: Callable[[np.ndarray], np.ndarray]
         if final:
-            kept = ((rows, part.best_classes(FINAL_CANDIDATE_CLASSES)) for rows, part in aligned_batches())
-            alignment = _Alignment.gather(kept, self.n_particles)
             state.final = self._final_assignment(alignment, scorer)
             # Hard assignment: one pose per particle, the best of its class, in both modes.
             alignment = replace(
@@ -737,10 +744,8 @@ class Classifier2D:
             weights_of = _full_weight
             occupancy = np.bincount(state.final.labels, minlength=self.n_classes).astype(np.float64)
         else:
-            alignment = _Alignment.gather(aligned_batches(), self.n_particles)
-            responsibilities = self._responsibilities(alignment.class_ll, self.n_particles)
+            responsibilities, occupancy = self._soft_assignment(alignment, scorer)
             weights_of = responsibilities.__getitem__
-            occupancy = responsibilities.sum(axis=0)
         sums = self._pass_sums(alignment, weights_of, cancel)
         state = self._m_step(
             state, sums, 1.0, occupancy, alignment, plan, recenter=self.params.recenter_classes and not final
@@ -748,6 +753,52 @@ class Classifier2D:
         state.particles_seen += self.n_particles
         state.iteration = iteration + 1
         return state
+
+    def _soft_assignment(
+        self, alignment: _Alignment, scorer: Callable[[_Batch], _Alignment]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Responsibilities (N, M) over each particle's best classes ``alignment`` (N, M, updated in place), capped
+        when a cap is set, and the classes' expected occupancy (K,).
+
+        A particle enters its most probable classes with its whole weight (see INSERT_CLASSES), so uncapped the
+        classes it leaves out change nothing. A cap scales the kept classes down, and the ones left out keep their
+        unscaled mass: a particle whose left-out classes could so hold MIN_INSERT_WEIGHT of it is scored again
+        against every class, the scaling solved again, and it keeps the M classes it is now most likely in.
+        """
+        k = self.n_classes
+        width = alignment.classes.shape[1]
+        scores = ClassScores.from_columns(
+            alignment.classes, alignment.class_ll, alignment.excluded_bound, alignment.excluded_log_mass, k
+        )
+        capacity = None if self.capacity is None else np.full(k, float(self.capacity))
+        rescored: list[tuple[np.ndarray, _Alignment]] = []
+        while True:
+            responsibilities = class_responsibilities(scores, capacity)  # (E,)
+            if capacity is None:
+                break
+            left_out = 1.0 - np.add.reduceat(responsibilities, scores.row_start[:-1])  # (N,) their share
+            again = np.flatnonzero((left_out > MIN_INSERT_WEIGHT) & np.isfinite(scores.excluded_bound))
+            if again.size == 0:
+                break
+            full = scorer(self._prepare(again, self.particles.read(again)))
+            rescored.append((again, full))
+            scores = scores.with_full_rows(again, full.class_ll)
+        occupancy = np.bincount(scores.classes, responsibilities, k)
+        weights = responsibilities[scores.row_start[:-1, None] + np.arange(width)]  # (N, M) the rows' first entries
+        # Rows listed in full take their most likely classes with poses from the full row (their candidates' marginal
+        # poses are the same as the first scoring's).
+        for rows, full in rescored:
+            listed = responsibilities[scores.row_start[rows, None] + np.arange(k)]  # (V, K)
+            top = np.argsort(-listed, axis=1, kind="stable")[:, :width]  # (V, M)
+            weights[rows] = np.take_along_axis(listed, top, axis=1)
+            alignment.classes[rows] = top
+            alignment.class_ll[rows] = np.take_along_axis(full.class_ll, top, axis=1)
+            alignment.angle_deg[rows] = np.take_along_axis(full.angle_deg, top, axis=1)
+            alignment.shift_px[rows] = np.take_along_axis(full.shift_px, top[:, :, None], axis=1)
+        if rescored:
+            logger.info("soft full pass: %d particles scored again against every class",
+                        sum(rows.size for rows, _ in rescored))
+        return weights / weights.sum(axis=1, keepdims=True), occupancy
 
     def _final_assignment(
         self, alignment: _Alignment, scorer: Callable[[_Batch], _Alignment]
