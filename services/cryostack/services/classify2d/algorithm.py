@@ -19,16 +19,16 @@ particle's offset between fine and coarse scores of its last candidate.
 
 E-step. Class responsibilities are the softmax of log-likelihoods divided by the classification uncertainty
 factor (a temperature, annealed linearly from its initial value to 1 over the online iterations). With a
-``max_particles_per_class`` cap they are instead scaled by Sinkhorn–Knopp with upper-bounded class marginals
-(:func:`capacity.capped_responsibilities`): each class's expected occupancy stays within its capacity, which is the
+``max_particles_per_class`` cap they are instead scaled with upper-bounded class marginals (Sinkhorn–Knopp on a
+minibatch, :func:`capacity.capped_responsibilities`; the same scaling by its dual over a whole pass,
+:func:`capacity.class_responsibilities`): each class's expected occupancy stays within its capacity, which is the
 cap scaled to the minibatch (``cap · B / N``) in online iterations and the full cap in full passes. The last full
 iteration assigns every particle to exactly one class, by the exact capacitated assignment
 (:func:`capacity.capped_assignment_with_rescoring`) when capped, and reconstructs the classes from those hard
 assignments, so reported counts, class averages and ``particles.star`` agree and no class exceeds the cap. Full
 passes keep only each particle's :data:`PASS_KEPT_CLASSES` best classes with their poses (memory grows with N, not
-N·K): a soft pass's capped responsibilities are those of the kept classes
-(:func:`capacity.class_responsibilities`), and the final assignment stays exact over all K classes by scoring again
-the few particles it would move further.
+N·K); both passes score again against every class the few particles the cap would push beyond their kept classes,
+so a soft pass inserts what it would have with all K, and the final assignment stays exact over all K.
 
 M-step. CTF-weighted sums ``Σ r·CTF·X`` and ``Σ r·CTF²`` are inserted at each particle's pose into padded 2D
 Fourier accumulators (zero-pad factor), one per class and random half-set. Online-EM iterations work on random
