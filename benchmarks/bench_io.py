@@ -86,9 +86,10 @@ def table_for(n_images: int, box_px: int, per_stack: int | None = None) -> Parti
         "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1], "rlnImagePixelSize": [1.0],
         "rlnImageSize": [box_px],
     })
+    names = [f"{i + 1:06d}@stack.mrcs" if per_stack is None
+             else f"{i % per_stack + 1:06d}@micrographs/{i // per_stack:05d}.mrcs" for i in range(n_images)]
     particles = pd.DataFrame({
-        "rlnImageName": [f"{i + 1:06d}@stack.mrcs" if per_stack is None
-                         else f"{i % per_stack + 1:06d}@micrographs/{i // per_stack:05d}.mrcs" for i in range(n_images)],
+        "rlnImageName": names,
         "rlnDefocusU": np.full(n_images, 15000.0), "rlnDefocusV": np.full(n_images, 14000.0),
         "rlnDefocusAngle": np.zeros(n_images), "rlnOpticsGroup": np.ones(n_images, dtype=np.int64),
     })
