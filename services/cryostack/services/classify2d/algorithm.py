@@ -780,7 +780,7 @@ class Classifier2D:
             again = np.flatnonzero((left_out > MIN_INSERT_WEIGHT) & np.isfinite(scores.excluded_bound))
             if again.size == 0:
                 break
-            full = scorer(self._prepare(again, self.particles.read(again)))
+            full = self._score_every_class(scorer, again)
             rescored.append((again, full))
             scores = scores.with_full_rows(again, full.class_ll)
         occupancy = np.bincount(scores.classes, responsibilities, k)
@@ -813,7 +813,7 @@ class Classifier2D:
         rescored: list[tuple[np.ndarray, _Alignment]] = []
 
         def score_every_class(rows: np.ndarray) -> np.ndarray:
-            full = scorer(self._prepare(rows, self.particles.read(rows)))
+            full = self._score_every_class(scorer, rows)
             rescored.append((rows, full))
             return full.class_ll
 
@@ -839,6 +839,13 @@ class Classifier2D:
             labels=labels, psi_deg=psi_deg, shift_px=shift_px,
             probability=class_responsibilities(scores, capacity, start_log_scale=start_log_scale)[entries],
         )
+
+    def _score_every_class(self, scorer: Callable[[_Batch], _Alignment], rows: np.ndarray) -> _Alignment:
+        """Scores and poses of particles ``rows`` (V,), ascending, against every class: read and scored
+        PASS_BATCH at a time, as a pass is."""
+        parts = ((np.searchsorted(rows, chunk), scorer(self._prepare(chunk, images)))
+                 for chunk, images in self.particles.iter_batches(rows, PASS_BATCH))
+        return _Alignment.gather(parts, rows.size)
 
     def _responsibilities(self, log_weights: np.ndarray, batch_size: int) -> np.ndarray:
         """Class responsibilities (B, K): the posterior, or the capped one when a cap is set."""
