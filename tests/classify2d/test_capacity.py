@@ -100,6 +100,20 @@ def test_exact_phase_gives_the_same_assignment_whatever_it_keeps_per_pair_of_cla
     np.testing.assert_array_equal(labels[2], labels[64])
 
 
+def test_price_raising_takes_rows_in_chunks_without_changing_the_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(9)
+    n_rows, n_classes = 2000, 10
+    scores = np.round(rng.normal(size=(n_rows, n_classes)) * 3.0 + np.linspace(0.0, 12.0, n_classes))
+    capacity = np.full(n_classes, n_rows // n_classes)
+
+    whole = capped_assignment(scores, capacity)
+    monkeypatch.setattr(capacity_module, "_SWEEP_ROWS", 7)
+    chunked = capped_assignment(scores, capacity)
+
+    np.testing.assert_array_equal(chunked, whole)
+    assert scores[np.arange(n_rows), whole].sum() == pytest.approx(_slot_optimum(scores, capacity), rel=1e-12)
+
+
 def test_hard_assignment_without_a_binding_cap_is_the_argmax() -> None:
     rng = np.random.default_rng(3)
     scores = rng.normal(size=(200, 6))

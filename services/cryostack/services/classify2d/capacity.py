@@ -38,6 +38,8 @@ from cryostack.core.backend import array_module, to_host
 _RESCORE_AHEAD = 2
 # The exact phase keeps, per pair of classes, this many of the cheapest particles to move between them.
 _EDGE_CANDIDATES = 64
+# Rows a price-raising sweep looks at together (its working memory is ~0.8 KB per row).
+_SWEEP_ROWS = 1 << 16
 
 
 def batch_capacity(capacity: np.ndarray, batch_size: int, n_particles: int) -> np.ndarray:
@@ -406,13 +408,9 @@ def _raise_prices(
         crowded = np.flatnonzero((counts > cap)[labels])  # (M,) particles in over-full classes
         own_class = labels[crowded]
         own_entry = entries[crowded]
-        run_entries, segments, run_start = _row_entries(table.row_start, crowded)
-        run_scores = table.scores[run_entries]  # (L,)
-        run_classes = table.classes[run_entries]
-        is_own = run_entries == own_entry[segments]
-        run_scores[is_own] = -np.inf
         own = table.scores[own_entry]
-        margin = own - prices[own_class] - np.maximum.reduceat(run_scores - prices[run_classes], run_start)  # (M,)
+        _, other = _best_other_entries(table, crowded, own_entry, prices)
+        margin = own - prices[own_class] - other  # (M,)
         # Rank the particles of each over-full class from most to least attached; margin: how far the own class's
         # price may rise before the particle leaves.
         order = np.lexsort((-margin, own_class))
@@ -422,13 +420,30 @@ def _raise_prices(
         # The first particle beyond each class's capacity sets its price (none can if it has nowhere to go).
         at_capacity = (rank == cap[own_class]) & np.isfinite(margin)
         prices[own_class[at_capacity]] += margin[at_capacity]
-        values = run_scores - prices[run_classes]
-        best = _run_argmax(values, run_start, segments)  # (M,) index into the run
+        beyond = np.flatnonzero(rank >= cap[own_class])
+        best, value = _best_other_entries(table, crowded[beyond], own_entry[beyond], prices)
         # A mover leaves only for a class at least as good under the new prices (other classes rose too).
-        leaves = (rank >= cap[own_class]) & (values[best] >= own - prices[own_class])
-        best = run_entries[best]
-        entries[crowded[leaves]] = best[leaves]
+        leaves = value >= own[beyond] - prices[own_class[beyond]]
+        entries[crowded[beyond[leaves]]] = best[leaves]
     return entries
+
+
+def _best_other_entries(
+    table: ClassScores, rows: np.ndarray, own_entry: np.ndarray, prices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``rows``' (R,) best entry other than its ``own_entry`` (R,) under ``prices``, and that entry's score
+    less its class's price (−inf where the row lists nothing else), ``_SWEEP_ROWS`` rows at a time."""
+    best = np.zeros(rows.size, dtype=np.int64)
+    value = np.full(rows.size, -np.inf)
+    for start in range(0, rows.size, _SWEEP_ROWS):
+        chunk = slice(start, start + _SWEEP_ROWS)
+        run_entries, segments, run_start = _row_entries(table.row_start, rows[chunk])
+        values = table.scores[run_entries] - prices[table.classes[run_entries]]  # (L,)
+        values[run_entries == own_entry[chunk][segments]] = -np.inf
+        at = _run_argmax(values, run_start, segments)
+        best[chunk] = run_entries[at]
+        value[chunk] = values[at]
+    return best, value
 
 
 def _shortest_augmenting_paths(
