@@ -240,11 +240,12 @@ def capped_assignment_with_rescoring(
         ahead = min(_RESCORE_AHEAD * outside.size, slack.size - 1)
         nearest = np.argpartition(slack, ahead)[:ahead]
         rescored = np.union1d(outside, nearest[np.isfinite(slack[nearest])])
-        scores = scores.with_full_rows(rescored, to_host(score_rows(rescored)).astype(np.float64, copy=False))
         # Warm start from the last optimum: the other rows keep their entries (at the same offsets) and prices;
         # the rescored rows go to their best class under those prices, so every particle still sits at a best
         # class and only the classes they join can be over their capacity.
         offsets = entries - relaxed.row_start[:-1]
+        del relaxed  # not held while the table is widened
+        scores = scores.with_full_rows(rescored, to_host(score_rows(rescored)).astype(np.float64, copy=False))
         relaxed = _with_excluded_class(scores)
         entries = relaxed.row_start[:-1] + offsets
         run_entries, segments, run_start = _row_entries(relaxed.row_start, rescored)
@@ -323,8 +324,8 @@ def _widened(scores: ClassScores, lengths: np.ndarray) -> tuple[np.ndarray, np.n
     """Rows of ``lengths`` (N,), each at least as long as now: their starts (N + 1,), and classes and scores (E',)
     with every row's present entries copied to the front of its run (the rest left to fill)."""
     row_start = np.concatenate([[0], np.cumsum(lengths)])
-    entry_row = scores.entry_row
-    positions = row_start[:-1][entry_row] + (np.arange(scores.classes.size) - scores.row_start[:-1][entry_row])
+    positions = np.arange(scores.classes.size)  # (E,) each entry moves by how much its row's start moved
+    positions += np.repeat(row_start[:-1] - scores.row_start[:-1], np.diff(scores.row_start))
     classes = np.empty(row_start[-1], dtype=np.int32)
     values = np.empty(row_start[-1], dtype=np.float64)
     classes[positions] = scores.classes
