@@ -27,8 +27,9 @@ iteration assigns every particle to exactly one class, by the exact capacitated 
 (:func:`capacity.capped_assignment_with_rescoring`) when capped, and reconstructs the classes from those hard
 assignments, so reported counts, class averages and ``particles.star`` agree and no class exceeds the cap. Full
 passes keep only each particle's :data:`PASS_KEPT_CLASSES` best classes with their poses (memory grows with N, not
-N·K); both passes score again against every class the few particles the cap would push beyond their kept classes,
-so a soft pass inserts what it would have with all K, and the final assignment stays exact over all K.
+N·K); both kinds of pass score again against every class the particles the cap would push beyond their kept
+classes, so a soft pass inserts what it would have with all K (to within MIN_INSERT_WEIGHT of a particle) and the
+final assignment stays exact over all K.
 
 M-step. CTF-weighted sums ``Σ r·CTF·X`` and ``Σ r·CTF²`` are inserted at each particle's pose into padded 2D
 Fourier accumulators (zero-pad factor), one per class and random half-set. Online-EM iterations work on random
@@ -127,9 +128,8 @@ RESOLUTION_MARGIN_SHELLS = 3
 COARSE_SHELLS = 8
 # Classes per particle refined by the local search.
 CANDIDATE_CLASSES = 4
-# Classes per particle a full pass keeps (best first), so that its tables grow with N, not N·K: at least
-# INSERT_CLASSES, as many as the capped E-step may reach; particles the final capped assignment would move further
-# down their list are scored again against every class.
+# Classes per particle a full pass keeps (best first), so that its tables grow with N, not N·K; at least
+# INSERT_CLASSES. Particles a cap would push beyond their list are scored again against every class.
 PASS_KEPT_CLASSES = 16
 # Shift search range as a fraction of the box width (RELION/cryoSPARC search about this much).
 MAX_SHIFT_FRACTION = 0.1
