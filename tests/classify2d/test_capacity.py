@@ -107,7 +107,7 @@ def test_price_raising_takes_rows_in_chunks_without_changing_the_assignment(monk
     capacity = np.full(n_classes, n_rows // n_classes)
 
     whole = capped_assignment(scores, capacity)
-    monkeypatch.setattr(capacity_module, "_SWEEP_ROWS", 7)
+    monkeypatch.setattr(capacity_module, "_BLOCK_ROWS", 7)
     chunked = capped_assignment(scores, capacity)
 
     np.testing.assert_array_equal(chunked, whole)
@@ -231,6 +231,22 @@ def test_entry_responsibilities_are_the_posterior_and_the_capped_posterior() -> 
     _, _, prices = capped_assignment_with_rescoring(dense, np.floor(capacity), lambda rows: log_weights[rows])
     warm = class_responsibilities(dense, capacity, start_log_scale=-prices, tolerance=1e-9)
     np.testing.assert_allclose(warm, sparse_capped, rtol=1e-6, atol=1e-9)
+
+
+def test_entry_responsibilities_come_out_the_same_in_blocks_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(10)
+    n_rows, n_classes = 500, 8
+    log_weights = rng.normal(size=(n_rows, n_classes)) * 3.0 + np.linspace(0.0, 6.0, n_classes)
+    kept = _best_columns(log_weights, 3)
+    capacity = np.full(n_classes, n_rows / n_classes)
+
+    whole = [class_responsibilities(kept, None), class_responsibilities(kept, capacity, tolerance=1e-9)]
+    monkeypatch.setattr(capacity_module, "_BLOCK_ROWS", 7)
+    blocks = [class_responsibilities(kept, None), class_responsibilities(kept, capacity, tolerance=1e-9)]
+
+    np.testing.assert_allclose(blocks[0], whole[0], rtol=1e-12)
+    np.testing.assert_allclose(blocks[1], whole[1], rtol=1e-6, atol=1e-12)
+    assert np.bincount(kept.classes, blocks[1], n_classes).max() <= capacity[0] + 1e-6
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -38,8 +38,9 @@ from cryostack.core.backend import array_module, to_host
 _RESCORE_AHEAD = 2
 # The exact phase keeps, per pair of classes, this many of the cheapest particles to move between them.
 _EDGE_CANDIDATES = 64
-# Rows a price-raising sweep looks at together (its working memory is ~0.8 KB per row).
-_SWEEP_ROWS = 1 << 16
+# Rows a sweep over a whole table (price raising, the capped posterior) works on together: its working memory is
+# ~0.8 KB per row of this block, not per particle.
+_BLOCK_ROWS = 1 << 16
 
 
 def batch_capacity(capacity: np.ndarray, batch_size: int, n_particles: int) -> np.ndarray:
@@ -276,36 +277,45 @@ def class_responsibilities(
     The classes a row leaves out keep their mass ``exp(excluded_log_mass)`` unscaled (they are far below the row's
     best, and a class's scale is at most 1), so the capped figure is exact when rows list every class.
     """
-    row_start = scores.row_start[:-1]
-    lengths = np.diff(scores.row_start)
-    n_classes = scores.n_classes
-    if scores.n_rows == 0:
-        return np.zeros(0)
+    n_rows, n_classes = scores.n_rows, scores.n_classes
+    lengths = np.diff(scores.row_start)  # (N,)
+    blocks = [(slice(first, min(first + _BLOCK_ROWS, n_rows)),
+               slice(scores.row_start[first], scores.row_start[min(first + _BLOCK_ROWS, n_rows)]))
+              for first in range(0, n_rows, _BLOCK_ROWS)]  # (rows, their entries)
 
-    def posterior(log_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Responsibilities (E,) and each row's log-normaliser (N,) under column log-scales (K,)."""
-        shifted = scores.scores + log_scale[scores.classes]  # (E,)
-        row_max = np.maximum(np.maximum.reduceat(shifted, row_start), scores.excluded_log_mass)  # (N,)
-        kernel = np.exp(shifted - np.repeat(row_max, lengths))
-        row_sum = np.add.reduceat(kernel, row_start) + np.exp(scores.excluded_log_mass - row_max)  # (N,) ≥ 1
-        return kernel / np.repeat(row_sum, lengths), row_max + np.log(row_sum)
+    def posterior(log_scale: np.ndarray, rows: slice, entries: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Responsibilities of a block's entries and its rows' log-normalisers under column log-scales (K,)."""
+        shifted = scores.scores[entries] + log_scale[scores.classes[entries]]
+        starts = scores.row_start[rows] - entries.start
+        rest = scores.excluded_log_mass[rows]
+        row_max = np.maximum(np.maximum.reduceat(shifted, starts), rest)
+        kernel = np.exp(shifted - np.repeat(row_max, lengths[rows]))
+        row_sum = np.add.reduceat(kernel, starts) + np.exp(rest - row_max)  # ≥ 1
+        return kernel / np.repeat(row_sum, lengths[rows]), row_max + np.log(row_sum)
 
     log_scale = np.zeros(n_classes)
     if capacity is not None:
         capacity = np.asarray(capacity, dtype=np.float64)
-        _check_capacity(scores.n_rows, capacity, n_classes)
+        _check_capacity(n_rows, capacity, n_classes)
 
         def objective(log_scale: np.ndarray) -> tuple[float, np.ndarray]:
-            responsibilities, log_normaliser = posterior(log_scale)
-            occupancy = np.bincount(scores.classes, responsibilities, n_classes)
-            return float(log_normaliser.sum() - capacity @ log_scale), occupancy - capacity
+            total = -float(capacity @ log_scale)
+            gradient = -capacity  # (K,) expected occupancy less capacity
+            for rows, entries in blocks:
+                responsibilities, log_normaliser = posterior(log_scale, rows, entries)
+                total += float(log_normaliser.sum())
+                gradient = gradient + np.bincount(scores.classes[entries], responsibilities, n_classes)
+            return total, gradient
 
         start = log_scale if start_log_scale is None else np.minimum(start_log_scale, 0.0)
         log_scale = minimize(
             objective, start, jac=True, method="L-BFGS-B", bounds=[(None, 0.0)] * n_classes,
             options={"maxiter": max_iterations, "gtol": tolerance, "ftol": 0.0, "maxcor": 20},
         ).x
-    return posterior(log_scale)[0]
+    responsibilities = np.empty(scores.scores.size)  # (E,)
+    for rows, entries in blocks:
+        responsibilities[entries] = posterior(log_scale, rows, entries)[0]
+    return responsibilities
 
 
 def _with_excluded_class(scores: ClassScores) -> ClassScores:
@@ -433,11 +443,11 @@ def _best_other_entries(
     table: ClassScores, rows: np.ndarray, own_entry: np.ndarray, prices: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each of ``rows``' (R,) best entry other than its ``own_entry`` (R,) under ``prices``, and that entry's score
-    less its class's price (−inf where the row lists nothing else), ``_SWEEP_ROWS`` rows at a time."""
+    less its class's price (−inf where the row lists nothing else), ``_BLOCK_ROWS`` rows at a time."""
     best = np.zeros(rows.size, dtype=np.int64)
     value = np.full(rows.size, -np.inf)
-    for start in range(0, rows.size, _SWEEP_ROWS):
-        chunk = slice(start, start + _SWEEP_ROWS)
+    for start in range(0, rows.size, _BLOCK_ROWS):
+        chunk = slice(start, start + _BLOCK_ROWS)
         run_entries, segments, run_start = _row_entries(table.row_start, rows[chunk])
         values = table.scores[run_entries] - prices[table.classes[run_entries]]  # (L,)
         values[run_entries == own_entry[chunk][segments]] = -np.inf
