@@ -9,7 +9,8 @@ read back in batches with plain file reads, as a job streams them from the store
   % empty classes, tiny classes (< 10% of N/K), each non-empty class average's correlation with the best
   noise-free ground-truth projection (the CTF-free projections at the true view and conformation of up to 12 of its
   members, psi free: best in-plane rotation and translation, both low-passed to ``--lowpass`` Å, inside the
-  particle mask), per-class purity of domain present/absent, and the montage PNG.
+  particle mask), per-class purity of domain present/absent, the particles in a class of the other state and how
+  many of them lie off the preferred views, and the montage PNG.
 - ``cap_sweep``: the capped quality run at each cap multiple of ``--sweep-multiples`` (1.0, 1.2, 1.5, 2.0 × N/K)
   and classifier seed of ``--sweep-seeds`` (0, 1, 2): how the choice of cap moves occupancy and purity, and how much
   of that is the seed.
@@ -171,6 +172,7 @@ def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator:
         sizes.append(members.size)
     correlations, purities, sizes = np.array(correlations), np.array(purities), np.array(sizes)
     return {
+        "minority_members": minority_members(members_of, simulator),
         "classes_with_particles": int(sizes.size),
         "per_class_size": sizes.tolist(),
         "correlation_to_best_gt_projection": {
@@ -184,6 +186,29 @@ def class_quality(averages: np.ndarray, members_of: list[np.ndarray], simulator:
             "per_class": purities.round(4).tolist(),
         },
     }
+
+
+def minority_members(members_of: list[np.ndarray], simulator: Any) -> dict[str, Any]:
+    """Who sits in a class of the other state: particles whose presence differs from their class's majority, split
+    by their own state, with the fraction of them seen from off the preferred views next to the population's. An
+    off-view fraction well above the population's says the impure classes are made by the directions the data
+    covers thinly, not by the state being hard to see."""
+    present = simulator.ground_truth.domain_present.astype(bool)
+    _, on_view = nearest_preferred_view(simulator)
+    minority = np.zeros(present.size, dtype=bool)
+    for members in members_of:
+        if members.size:
+            majority_present = present[members].mean() >= 0.5
+            minority[members[present[members] != majority_present]] = True
+    record: dict[str, Any] = {"view_radius_deg": ORACLE_VIEW_RADIUS_DEG}
+    for name, state in (("present_in_absent_classes", present), ("absent_in_present_classes", ~present)):
+        selected = minority & state
+        record[name] = {
+            "particles": int(selected.sum()), "of_state": int(state.sum()),
+            "off_view_fraction": float(np.mean(~on_view[selected])) if selected.any() else None,
+            "state_off_view_fraction": float(np.mean(~on_view[state])),
+        }
+    return record
 
 
 class RescoredCount(logging.Handler):
