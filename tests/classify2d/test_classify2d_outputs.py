@@ -1,13 +1,17 @@
-"""Output files of 2D classification: ordering by count, particles.star columns, the montage and the stack."""
+"""Output files of 2D classification: ordering by count, particles.star columns, the montage and the stack, the
+files read back with independent readers (starfile, mrcfile) as RELION and cryoSPARC users would."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import matplotlib.image
+import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+import starfile
 
 from cryostack.io.mrc import decode_mrc
 from cryostack.io.star import ParticleTable, parse_star, star_bytes
@@ -64,24 +68,42 @@ def test_classes_are_numbered_by_count_largest_first(result: ClassificationResul
 
 
 def test_particles_star_carries_class_angle_origin_and_probability(
-    result: ClassificationResult, table: ParticleTable
+    result: ClassificationResult, table: ParticleTable, tmp_path: Path
 ) -> None:
     classes = sort_classes(result)
-    written = particles_table(table, result, classes, pixel_size_a=2.0)
-    parsed = parse_star(star_bytes(written), "particles.star")
-    assert parsed.column("rlnClassNumber").tolist() == [1, 2, 1, 3]
-    np.testing.assert_allclose(parsed.column("rlnAnglePsi"), [10.0, -170.0, -10.0, -5.0])
-    # RELION's origin recentres the particle: minus the image shift, in Å.
-    np.testing.assert_allclose(parsed.origin_xy_a, [[-2.0, 4.0], [0.0, -1.0], [0.0, 0.0], [-6.0, -2.0]])
-    np.testing.assert_allclose(parsed.column("rlnMaxValueProbDistribution"), [0.9, 1.0, 0.5, 0.7])
-    np.testing.assert_allclose(parsed.defocus_u_a, table.defocus_u_a)
+    payload = star_bytes(particles_table(table, result, classes, pixel_size_a=2.0))
+    parsed = parse_star(payload, "particles.star")
+    (tmp_path / "particles.star").write_bytes(payload)
+    independent = starfile.read(tmp_path / "particles.star", always_dict=True)
+    assert set(independent) == {"optics", "particles"}
+    assert independent["optics"]["rlnImagePixelSize"].tolist() == [2.0]
+    particles = independent["particles"]
+    for columns in (parsed.particles, particles):
+        assert columns["rlnClassNumber"].tolist() == [1, 2, 1, 3]
+        np.testing.assert_allclose(columns["rlnAnglePsi"], [10.0, -170.0, -10.0, -5.0])
+        # RELION's origin recentres the particle: minus the image shift, in Å.
+        np.testing.assert_allclose(columns["rlnOriginXAngst"], [-2.0, 0.0, 0.0, -6.0])
+        np.testing.assert_allclose(columns["rlnOriginYAngst"], [4.0, -1.0, 0.0, -2.0])
+        np.testing.assert_allclose(columns["rlnMaxValueProbDistribution"], [0.9, 1.0, 0.5, 0.7])
+        # The input's columns and rows are kept as they were.
+        assert columns["rlnImageName"].tolist() == table.particles["rlnImageName"].tolist()
+        np.testing.assert_allclose(columns["rlnDefocusU"], table.defocus_u_a)
 
 
-def test_class_average_stack_is_in_class_number_order(result: ClassificationResult) -> None:
+def test_class_average_stack_is_in_class_number_order(result: ClassificationResult, tmp_path: Path) -> None:
     classes = sort_classes(result)
-    decoded = decode_mrc(class_averages_bytes(classes, 2.0), "class_averages.mrcs")
+    payload = class_averages_bytes(classes, 2.0)
+    decoded = decode_mrc(payload, "class_averages.mrcs")
     np.testing.assert_array_equal(decoded.data, classes.averages)
     assert decoded.header.voxel_size_a[0] == pytest.approx(2.0)
+    path = tmp_path / "class_averages.mrcs"
+    path.write_bytes(payload)
+    report = io.StringIO()
+    assert mrcfile.validate(str(path), print_file=report), report.getvalue()
+    with mrcfile.open(path, permissive=False) as stack:
+        assert stack.is_image_stack()
+        np.testing.assert_array_equal(stack.data, classes.averages)
+        assert float(stack.voxel_size.x) == pytest.approx(2.0)
 
 
 def test_montage_is_a_png_with_a_tile_per_class(result: ClassificationResult) -> None:
