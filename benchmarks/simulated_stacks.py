@@ -103,7 +103,8 @@ def ctf_of(simulator: Any) -> Any:
 
 
 class StackFile:
-    """A cached ``.npy`` stack (N, D, D) float32 read with plain file reads, as a classifier's ``ParticleSource``."""
+    """A cached ``.npy`` stack (N, D, D) float32 read with plain file reads, as a
+    :class:`cryostack.core.sources.ParticleSource`."""
 
     def __init__(self, path: Path) -> None:
         with path.open("rb") as handle:

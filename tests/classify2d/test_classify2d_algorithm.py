@@ -12,10 +12,10 @@ from cryostack.core.backend import cupy_available
 from cryostack.core.fourier import frequency_radius_px
 from cryostack.core.metrics import adjusted_rand_index
 from cryostack.core.scoring import LogLikelihoodBlock
+from cryostack.core.sources import ArrayParticles
 from cryostack.errors import InvalidArgumentError
 from cryostack.services.classify2d import algorithm
 from cryostack.services.classify2d.algorithm import (
-    ArrayParticles,
     ClassificationResult,
     ClassificationState,
     Classifier2D,

@@ -75,7 +75,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -106,6 +106,7 @@ from cryostack.core.scoring import (
     prepare_templates,
     shift_phase_ramps,
 )
+from cryostack.core.sources import ParticleSource
 from cryostack.errors import InvalidArgumentError
 from cryostack.services.classify2d.capacity import (
     ClassScores,
@@ -270,45 +271,6 @@ def validate_parameters(params: Classify2DParameters, n_particles: int, box_px: 
             fail("min_particles_per_class", f"{k} classes × {minimum:g} exceeds the {n_particles} particles")
         if cap is not None and minimum > cap:
             fail("min_particles_per_class", f"{minimum:g} exceeds the cap of {cap}")
-
-
-class ParticleSource(Protocol):
-    """Where particle images come from (a :class:`cryostack.io.particles.ParticleStackReader` is one)."""
-
-    box_px: int
-
-    def __len__(self) -> int: ...
-
-    def read(self, indices: np.ndarray) -> np.ndarray: ...
-
-    def iter_batches(
-        self, indices: np.ndarray | None = None, batch_size: int | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
-
-
-class ArrayParticles:
-    """Particle images held in memory (N, D, D) float32, as a :class:`ParticleSource`."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = np.asarray(images, dtype=np.float32)  # (N, D, D)
-        self.box_px = int(self.images.shape[-1])
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        """Images at ``indices``: (B, D, D) float32."""
-        return self.images[np.asarray(indices)]
-
-    def iter_batches(
-        self, indices: np.ndarray | None = None, batch_size: int | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(indices (B,), images (B, D, D)) over ``indices`` (default all), ``batch_size`` at a time."""
-        selected = np.arange(len(self)) if indices is None else np.asarray(indices)
-        size = batch_size or PASS_BATCH
-        for start in range(0, selected.size, size):
-            chunk = selected[start : start + size]
-            yield chunk, self.images[chunk]
 
 
 @dataclass
