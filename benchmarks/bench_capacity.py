@@ -2,8 +2,8 @@
 
 A final pass keeps each particle's ``PASS_KEPT_CLASSES`` best classes (scores in a row-compressed table) and
 solves the exact capped assignment over all K classes, scoring again the particles a relaxation sends beyond their
-list (:func:`cryostack.services.classify2d.capacity.capped_assignment_with_rescoring`), then the probability of
-each assigned class (:func:`~cryostack.services.classify2d.capacity.class_responsibilities`). This measures that
+list (:func:`cryostack.core.capacity.capped_assignment_with_rescoring`), then the probability of
+each assigned class (:func:`~cryostack.core.capacity.class_responsibilities`). This measures that
 step alone, at sizes a whole classification cannot reach on a small machine, for K in ``--classes`` and caps of
 ``--cap-multiples`` × N/K: wall time, peak traced memory (numpy allocations, ``tracemalloc``) of the kept table
 and the solve, bytes per particle, particles scored again, and the rounds that took.
@@ -31,14 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from cryostack.services.classify2d.algorithm import PASS_KEPT_CLASSES
-from cryostack.services.classify2d.capacity import (
+from cryostack.core.capacity import (
     ClassScores,
     capped_assignment,
     capped_assignment_with_rescoring,
     class_responsibilities,
     top_class_columns,
 )
+from cryostack.services.classify2d.algorithm import PASS_KEPT_CLASSES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "capacity.json"
 CHUNK = 20_000

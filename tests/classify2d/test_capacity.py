@@ -7,8 +7,8 @@ import pytest
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment, linprog
 
-from cryostack.services.classify2d import capacity as capacity_module
-from cryostack.services.classify2d.capacity import (
+from cryostack.core import capacity as capacity_module
+from cryostack.core.capacity import (
     ClassScores,
     batch_capacity,
     capped_assignment,

@@ -80,6 +80,14 @@ from typing import Any
 import numpy as np
 
 from cryostack.core.backend import array_module, to_host
+from cryostack.core.capacity import (
+    ClassScores,
+    batch_capacity,
+    capped_assignment_with_rescoring,
+    capped_responsibilities,
+    class_responsibilities,
+    top_class_columns,
+)
 from cryostack.core.ctf import CtfParameters
 from cryostack.core.fourier import (
     centered_coefficients_2d,
@@ -108,14 +116,6 @@ from cryostack.core.scoring import (
 )
 from cryostack.core.sources import ParticleSource
 from cryostack.errors import InvalidArgumentError
-from cryostack.services.classify2d.capacity import (
-    ClassScores,
-    batch_capacity,
-    capped_assignment_with_rescoring,
-    capped_responsibilities,
-    class_responsibilities,
-    top_class_columns,
-)
 
 logger = logging.getLogger(__name__)
 

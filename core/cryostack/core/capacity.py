@@ -1,4 +1,4 @@
-"""The per-class particle cap inside the E-step.
+"""Assignment of particles to classes under per-class capacities: the cap inside an E-step (2D classification's).
 
 Two operations keep class occupancy within a capacity:
 
@@ -31,6 +31,7 @@ from scipy.optimize import minimize
 from scipy.sparse.csgraph import csgraph_from_dense, dijkstra
 
 from cryostack.core.backend import array_module, to_host
+from cryostack.core.numerics import log_sum_exp
 
 
 # For each particle a round finds taking the extra class, this many of those closest to taking it are scored again
@@ -190,9 +191,7 @@ def top_class_columns(scores: np.ndarray, count: int) -> tuple[np.ndarray, np.nd
         return top, no_rest, no_rest.copy()
     rest = scores.copy()
     np.put_along_axis(rest, top, -np.inf, axis=1)
-    bound = rest.max(axis=1)
-    log_mass = bound + np.log(np.exp(rest - bound[:, None]).sum(axis=1))
-    return top, bound, log_mass
+    return top, rest.max(axis=1), log_sum_exp(rest, axis=1)
 
 
 def capped_assignment(scores: Any, capacity: np.ndarray, *, max_warm_sweeps: int = 200) -> np.ndarray:
