@@ -104,6 +104,7 @@ from cryostack.core.fsc import HALF_MAP_THRESHOLD, frc_curves, resolution_at_thr
 from cryostack.core.geometry import rotation_matrix_2d
 from cryostack.core.masks import soft_circular_mask
 from cryostack.core.noise import noise_power_from_background
+from cryostack.core.numerics import random_stream, softmax
 from cryostack.core.poses import inplane_angle_step_deg, inplane_angles_deg, shift_grid_px, shift_step_px
 from cryostack.core.projection import Projector2D
 from cryostack.core.reconstruction import DEFAULT_TAU2_FUDGE_2D, Reconstructor2D, reconstruct_from_sums
@@ -513,17 +514,6 @@ _PER_PARTICLE_FIELDS = (
 )
 
 
-def _softmax(log_weights: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of (N, K) float64."""
-    shifted = np.exp(log_weights - log_weights.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _rng(seed: int, purpose: int, iteration: int = 0) -> np.random.Generator:
-    """The random stream of one purpose and iteration."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(purpose, iteration)))
-
-
 class Classifier2D:
     """2D classification of one particle set (see the module docstring)."""
 
@@ -562,7 +552,7 @@ class Classifier2D:
         self.mask = soft_circular_mask(self.box_px, inner_px, outer_px - inner_px)  # (D, D) float32
         self.mask_radius_px = inner_px
         self.max_shift_px = MAX_SHIFT_FRACTION * self.box_px
-        halves = _rng(self.seed, _STREAM_HALVES).permutation(self.n_particles) % 2
+        halves = random_stream(self.seed, _STREAM_HALVES).permutation(self.n_particles) % 2
         self.half = halves.astype(np.int64)  # (N,) half-set of each particle
 
     # ----------------------------------------------------------------------------------------------- driving
@@ -623,10 +613,11 @@ class Classifier2D:
     def initial_state(self) -> ClassificationState:
         """Noise from the background of a sample, classes from random subsets at random in-plane rotations."""
         n, k = self.n_particles, self.n_classes
-        sample = np.sort(_rng(self.seed, _STREAM_NOISE).choice(n, size=min(n, NOISE_SAMPLE), replace=False))
+        noise_stream = random_stream(self.seed, _STREAM_NOISE)
+        sample = np.sort(noise_stream.choice(n, size=min(n, NOISE_SAMPLE), replace=False))
         noise_power = noise_power_from_background(self.particles.read(sample), self.mask_radius_px)
 
-        rng = _rng(self.seed, _STREAM_INIT)
+        rng = random_stream(self.seed, _STREAM_INIT)
         per_class = max(1, min(INITIAL_SUBSET, n // k))
         chosen = rng.permutation(n)[: per_class * k]
         classes = np.repeat(np.arange(k), per_class)
@@ -658,7 +649,8 @@ class Classifier2D:
     def _online_iteration(self, state: ClassificationState, iteration: int) -> ClassificationState:
         """Score a random minibatch, capped E-step, move the running sums towards the minibatch's."""
         size = min(self.n_particles, self.params.batch_size_per_class * self.n_classes)
-        rows = np.sort(_rng(self.seed, _STREAM_BATCH, iteration).choice(self.n_particles, size=size, replace=False))
+        batch_stream = random_stream(self.seed, _STREAM_BATCH, iteration)
+        rows = np.sort(batch_stream.choice(self.n_particles, size=size, replace=False))
         plan = self._plan(state.resolution_a)
         batch = self._prepare(rows, self.particles.read(rows), plan.fine_count)
         scorer = self._scorer(state, plan, iteration)
@@ -673,7 +665,7 @@ class Classifier2D:
         state.iteration = iteration + 1
         state = self._reseed(state)
         if self.capacity is not None:
-            demand = _softmax(alignment.class_ll / temperature).sum(axis=0) * (self.n_particles / size)
+            demand = softmax(alignment.class_ll / temperature, axis=1).sum(axis=0) * (self.n_particles / size)
             state = self._rebalance(state, demand)
         return state
 
@@ -812,7 +804,7 @@ class Classifier2D:
     def _responsibilities(self, log_weights: np.ndarray, batch_size: int) -> np.ndarray:
         """Class responsibilities (B, K): the posterior, or the capped one when a cap is set."""
         if self.capacity is None:
-            return _softmax(log_weights)
+            return softmax(log_weights, axis=1)
         capacity = batch_capacity(np.full(self.n_classes, float(self.capacity)), batch_size, self.n_particles)
         return capped_responsibilities(log_weights, capacity)
 
