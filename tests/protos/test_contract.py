@@ -186,8 +186,8 @@ EXPECTED_RESULT_FIELDS: dict[Descriptor, set[str]] = {
 LENGTH_WORDS = ("resolution", "diameter", "radius", "dilation", "width", "defocus", "shift", "pixel_size")
 NUMERIC_TYPES = (T.TYPE_DOUBLE, T.TYPE_FLOAT, T.TYPE_UINT32, T.TYPE_UINT64, T.TYPE_INT32, T.TYPE_INT64)
 LENGTH_SUFFIXES = ("_a", "_frames")
-# The only repeated scalar fields allowed: short selections of components, never data.
-REPEATED_SCALAR_ALLOWED = {"component_numbers"}
+# The only repeated scalar fields allowed: short selections of components or classes, never data.
+REPEATED_SCALAR_ALLOWED = {"component_numbers", "class_numbers"}
 
 
 def contract_messages() -> Iterator[Descriptor]:
@@ -230,6 +230,23 @@ def test_classify2d_cap_is_a_oneof_of_count_and_multiple_of_mean() -> None:
     assert parameters.WhichOneof("max_particles_per_class") == "max_particles_per_class_mean_multiple"
     assert not parameters.HasField("max_particles_per_class_count")
     assert classify2d_pb2.Classify2DParameters().WhichOneof("max_particles_per_class") is None
+
+
+def test_subset_is_a_oneof_of_random_draw_index_list_and_class_numbers() -> None:
+    selection = particles_pb2.ParticleSubset.DESCRIPTOR.oneofs_by_name["selection"]
+    assert {field.name: field.number for field in selection.fields} == {
+        "random": 1, "index_list_uri": 2, "class_numbers": 3,
+    }
+    class_field = particles_pb2.ParticleSubset.DESCRIPTOR.fields_by_name["class_numbers"]
+    assert class_field.message_type is particles_pb2.ClassSelection.DESCRIPTOR
+    numbers = particles_pb2.ClassSelection.DESCRIPTOR.fields_by_name["class_numbers"]
+    assert numbers.is_repeated and numbers.type == T.TYPE_UINT32
+    subset = particles_pb2.ParticleSubset(index_list_uri="s3://cryostack/demo/subset.txt")
+    subset.class_numbers.class_numbers.extend([1, 4])
+    decoded = particles_pb2.ParticleSubset.FromString(subset.SerializeToString())
+    assert decoded.WhichOneof("selection") == "class_numbers"
+    assert list(decoded.class_numbers.class_numbers) == [1, 4]
+    assert not decoded.HasField("index_list_uri")
 
 
 def test_display_modes_are_a_oneof_with_top_hat_and_overlapping_windows() -> None:

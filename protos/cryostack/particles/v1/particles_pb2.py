@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cryostack/particles/v1/particles.proto\x12\x16\x63ryostack.particles.v1\"o\n\x0eParticleSubset\x12\x36\n\x06random\x18\x01 \x01(\x0b\x32$.cryostack.particles.v1.RandomSubsetH\x00\x12\x18\n\x0eindex_list_uri\x18\x02 \x01(\tH\x00\x42\x0b\n\tselection\"4\n\x0cRandomSubset\x12\x16\n\x0eparticle_count\x18\x01 \x01(\x04\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cryostack/particles/v1/particles.proto\x12\x16\x63ryostack.particles.v1\"\xb0\x01\n\x0eParticleSubset\x12\x36\n\x06random\x18\x01 \x01(\x0b\x32$.cryostack.particles.v1.RandomSubsetH\x00\x12\x18\n\x0eindex_list_uri\x18\x02 \x01(\tH\x00\x12?\n\rclass_numbers\x18\x03 \x01(\x0b\x32&.cryostack.particles.v1.ClassSelectionH\x00\x42\x0b\n\tselection\"\'\n\x0e\x43lassSelection\x12\x15\n\rclass_numbers\x18\x01 \x03(\r\"4\n\x0cRandomSubset\x12\x16\n\x0eparticle_count\x18\x01 \x01(\x04\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cryostack.particles.v1.particles_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PARTICLESUBSET']._serialized_start=66
-  _globals['_PARTICLESUBSET']._serialized_end=177
-  _globals['_RANDOMSUBSET']._serialized_start=179
-  _globals['_RANDOMSUBSET']._serialized_end=231
+  _globals['_PARTICLESUBSET']._serialized_start=67
+  _globals['_PARTICLESUBSET']._serialized_end=243
+  _globals['_CLASSSELECTION']._serialized_start=245
+  _globals['_CLASSSELECTION']._serialized_end=284
+  _globals['_RANDOMSUBSET']._serialized_start=286
+  _globals['_RANDOMSUBSET']._serialized_end=338
 # @@protoc_insertion_point(module_scope)

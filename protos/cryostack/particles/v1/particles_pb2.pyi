@@ -7,8 +7,10 @@ A particle set is a RELION 3.1+ STAR file in the object store (`data_optics` + `
 names it by URI and may restrict the job to a subset of its rows.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -28,6 +30,7 @@ class ParticleSubset(_message.Message):
 
     RANDOM_FIELD_NUMBER: _builtins.int
     INDEX_LIST_URI_FIELD_NUMBER: _builtins.int
+    CLASS_NUMBERS_FIELD_NUMBER: _builtins.int
     index_list_uri: _builtins.str
     """An index-list object, "s3://bucket/key": UTF-8 text with one zero-based row index of the set's
     `data_particles` table per line, each at most once; an index past the end is INVALID_ARGUMENT.
@@ -36,21 +39,54 @@ class ParticleSubset(_message.Message):
     def random(self) -> Global___RandomSubset:
         """A reproducible random draw of a given size."""
 
+    @_builtins.property
+    def class_numbers(self) -> Global___ClassSelection:
+        """The particles of the set whose `rlnClassNumber` is one of the given class numbers (e.g. the good classes of
+        a 2D classification's particles.star), in the order of the set. A set without `rlnClassNumber`, an empty
+        list, a class number given twice, or a class number no particle has is INVALID_ARGUMENT naming
+        `subset.class_numbers`.
+        """
+
     def __init__(
         self,
         *,
         random: Global___RandomSubset | None = ...,
         index_list_uri: _builtins.str = ...,
+        class_numbers: Global___ClassSelection | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["index_list_uri", b"index_list_uri", "random", b"random", "selection", b"selection"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["class_numbers", b"class_numbers", "index_list_uri", b"index_list_uri", "random", b"random", "selection", b"selection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index_list_uri", b"index_list_uri", "random", b"random", "selection", b"selection"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_numbers", b"class_numbers", "index_list_uri", b"index_list_uri", "random", b"random", "selection", b"selection"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_selection: _TypeAlias = _typing.Literal["random", "index_list_uri"]  # noqa: Y015
+    _WhichOneofReturnType_selection: _TypeAlias = _typing.Literal["random", "index_list_uri", "class_numbers"]  # noqa: Y015
     _WhichOneofArgType_selection: _TypeAlias = _typing.Literal["selection", b"selection"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_selection) -> _WhichOneofReturnType_selection | None: ...
 
 Global___ParticleSubset: _TypeAlias = ParticleSubset  # noqa: Y015
+
+@_typing.final
+class ClassSelection(_message.Message):
+    """A selection of whole classes of a particle set that carries class assignments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASS_NUMBERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def class_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Class numbers (from 1, as `rlnClassNumber`) to keep; at least one, each at most once."""
+
+    def __init__(
+        self,
+        *,
+        class_numbers: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_numbers", b"class_numbers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassSelection: _TypeAlias = ClassSelection  # noqa: Y015
 
 @_typing.final
 class RandomSubset(_message.Message):
