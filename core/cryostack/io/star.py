@@ -26,7 +26,8 @@ Floats are written with 12 significant digits and always with a decimal point or
 floats); that reproduces float32 values and inputs of up to 12 digits exactly.
 
 Subsets (SPEC §3) are a count + seed or an explicit list of 0-based indices: :func:`subset_indices`, and
-:func:`read_index_list` for an index-list object (text, one integer per line, ``#`` comments allowed).
+:func:`read_index_list` for an index-list object (text, one integer per line, ``#`` comments allowed); or the
+particles of given class numbers (``rlnClassNumber``) of the set itself: :func:`class_rows`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -51,6 +52,7 @@ from cryostack.io.uri import S3Uri, resolve_reference
 
 OPTICS_GROUP = "rlnOpticsGroup"
 IMAGE_NAME = "rlnImageName"
+CLASS_NUMBER = "rlnClassNumber"
 REQUIRED_PARTICLE_COLUMNS = (IMAGE_NAME, "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 REQUIRED_OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize")
 # Optics columns that RELION 3.0 files carry per particle and RELION 3.1 keeps in the optics table.
@@ -436,6 +438,31 @@ def subset_indices(
         raise InvalidArgumentError("subset.count", f"subset of {count} is larger than the set of {n_particles}")
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_particles, size=count, replace=False)).astype(np.int64)
+
+
+def class_rows(table: ParticleTable, class_numbers: Sequence[int]) -> np.ndarray:
+    """Sorted 0-based rows of the particles whose ``rlnClassNumber`` is one of `class_numbers`.
+
+    Errors (InvalidArgumentError naming ``subset.class_numbers``): no class numbers, a number given twice, a table
+    without a numeric ``rlnClassNumber`` column, or a class number no particle of the table has.
+    """
+    field_name = "subset.class_numbers"
+    wanted = np.asarray(class_numbers, dtype=np.int64)
+    if wanted.size == 0:
+        raise InvalidArgumentError(field_name, "lists no class number")
+    if np.unique(wanted).size != wanted.size:
+        raise InvalidArgumentError(field_name, "class numbers repeat")
+    if CLASS_NUMBER not in table.particles.columns:
+        raise InvalidArgumentError(field_name, f"{table.source} has no {CLASS_NUMBER} column to select classes by")
+    column = table.particles[CLASS_NUMBER]
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise InvalidArgumentError(field_name, f"{table.source}:{CLASS_NUMBER} is not numeric")
+    classes = column.to_numpy(dtype=np.float64)
+    absent = wanted[~np.isin(wanted, classes)]
+    if absent.size:
+        raise InvalidArgumentError(field_name, f"no particle of {table.source} has class number(s) "
+                                               f"{absent[:10].tolist()}")
+    return np.flatnonzero(np.isin(classes, wanted)).astype(np.int64)
 
 
 def parse_index_list(text: bytes | str, source: str) -> np.ndarray:

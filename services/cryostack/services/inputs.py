@@ -11,7 +11,7 @@ import numpy as np
 from cryostack.config import ServiceSettings
 from cryostack.errors import InvalidArgumentError
 from cryostack.io.objectstore import ObjectStore
-from cryostack.io.star import ParticleTable, read_index_list, read_star, subset_indices
+from cryostack.io.star import ParticleTable, class_rows, read_index_list, read_star, subset_indices
 from cryostack.io.uri import S3Uri
 from cryostack.particles.v1 import particles_pb2
 
@@ -41,7 +41,7 @@ def load_particle_set(
     star_uri = S3Uri.parse(particles_uri, "particles_uri").require_object()
     table = read_star(objects, star_uri)
     if subset is not None:
-        table = table.take(_subset_rows(objects, subset, len(table)))
+        table = table.take(_subset_rows(objects, subset, table))
     if len(table) == 0:
         raise InvalidArgumentError("particles_uri", "the particle set is empty")
     pixel_sizes = np.unique(table.pixel_size_a)
@@ -64,11 +64,13 @@ def check_class_count(class_count: int, settings: ServiceSettings) -> None:
                                    f"{class_count} exceeds this service's limit {settings.max_classes}")
 
 
-def _subset_rows(objects: ObjectStore, subset: particles_pb2.ParticleSubset, n_particles: int) -> np.ndarray:
+def _subset_rows(objects: ObjectStore, subset: particles_pb2.ParticleSubset, table: ParticleTable) -> np.ndarray:
     """0-based rows of the set that a subset selects."""
     which = subset.WhichOneof("selection")
     if which == "random":
-        return subset_indices(n_particles, count=int(subset.random.particle_count), seed=int(subset.random.seed))
+        return subset_indices(len(table), count=int(subset.random.particle_count), seed=int(subset.random.seed))
     if which == "index_list_uri":
-        return subset_indices(n_particles, indices=read_index_list(objects, subset.index_list_uri))
-    raise InvalidArgumentError("subset", "choose a random subset or an index list")
+        return subset_indices(len(table), indices=read_index_list(objects, subset.index_list_uri))
+    if which == "class_numbers":
+        return class_rows(table, list(subset.class_numbers.class_numbers))
+    raise InvalidArgumentError("subset", "choose a random subset, an index list or class numbers")
