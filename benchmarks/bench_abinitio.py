@@ -98,12 +98,8 @@ def run_cryostack(spec: dict[str, Any]) -> dict[str, Any]:
     """One ab-initio run in this process: timings, memory and quality against the truth."""
     from cryostack.core.backend import default_xp, describe_backend  # noqa: PLC0415
     from cryostack.core.metrics import adjusted_rand_index  # noqa: PLC0415
-    from cryostack.services.abinitio.algorithm import (  # noqa: PLC0415
-        AbinitioParameters,
-        AbinitioRun,
-        SpectralLayout,
-        collect_spectra,
-    )
+    from cryostack.core.spectra import SpectralLayout, collect_spectra  # noqa: PLC0415
+    from cryostack.services.abinitio.algorithm import AbinitioParameters, AbinitioRun  # noqa: PLC0415
 
     name, n_particles, k = spec["scenario"], spec["particles"], spec["classes"]
     path = stack_path(name, n_particles)
@@ -156,12 +152,8 @@ def run_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
 
     from cryostack.core.backend import default_xp  # noqa: PLC0415
     from cryostack.core.metrics import adjusted_rand_index  # noqa: PLC0415
-    from cryostack.services.abinitio.algorithm import (  # noqa: PLC0415
-        AbinitioParameters,
-        AbinitioRun,
-        SpectralLayout,
-        collect_spectra,
-    )
+    from cryostack.core.spectra import SpectralLayout, collect_spectra  # noqa: PLC0415
+    from cryostack.services.abinitio.algorithm import AbinitioParameters, AbinitioRun  # noqa: PLC0415
     from cryostack.services.abinitio.servicer import BlasShare  # noqa: PLC0415
 
     name, n_particles = spec["scenario"], spec["particles"]

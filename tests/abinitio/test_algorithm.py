@@ -10,13 +10,12 @@ from cryostack.core.backend import cupy_available, to_host
 from cryostack.core.fsc import fsc_curve
 from cryostack.core.metrics import adjusted_rand_index, compare_to_reference, rotation_error, transform_map
 from cryostack.errors import InvalidArgumentError
+from cryostack.core.spectra import SpectralLayout, collect_spectra
 from cryostack.services.abinitio.algorithm import (
     AbinitioParameters,
     AbinitioRun,
     AbinitioState,
-    SpectralLayout,
     _constrain,
-    collect_spectra,
     _real_space_masks,
 )
 

@@ -274,3 +274,14 @@ def fourier_crop_3d(volume_ft: Any, new_box_px: int) -> Any:
     start = box // 2 - new_box_px // 2
     sl = slice(start, start + new_box_px)
     return volume_ft[..., sl, sl, sl]
+
+
+def fourier_pad_3d(volume_ft: Any, box_px: int) -> Any:
+    """Real map (D, D, D) float32 from a centred transform on a smaller box, zero-padded in Fourier space."""
+    xp = array_module(volume_ft)
+    small = volume_ft.shape[-1]
+    padded = xp.zeros((box_px,) * 3, dtype=np.complex64)
+    start = box_px // 2 - small // 2
+    window = slice(start, start + small)
+    padded[window, window, window] = volume_ft
+    return xp.asarray(ifft3_centered(padded).real, dtype=np.float32)

@@ -33,14 +33,9 @@ by a factor chosen on the first minibatch so that about :data:`_TARGET_ESS_FRACT
 significant posterior weight (cryoSPARC's target effective sample size); as residuals replace the inflated start,
 the posteriors sharpen, an annealing that needs no schedule.
 
-Pose search. Coarse to fine per class, as in RELION's adaptive sampling: the whole SO(3) grid (level 1 or 2,
-30° or 15°, chosen from the resolution) with a shift lattice of twice the fine step, on the coefficients inside
-twice the resolution (at least :data:`_COARSE_MIN_SHELLS` shells); then, on every coefficient, each particle
-against its own :data:`_COARSE_KEEP` best coarse rotations (in the final pass, the children on the next grid of its
-:data:`_REFINE_PARENTS` best) and a local shift lattice around its best coarse shift
-(:func:`cryostack.core.scoring.local_log_likelihoods`), so that a particle's posteriors never depend on the other
-particles of its batch. Posteriors are kept where they exceed :data:`_POSTERIOR_FLOOR` and back-projected
-aggregated per rotation.
+Pose search. The core's global search per class (:class:`cryostack.core.search.PoseSearch`): coarse to fine
+on the whole SO(3) grid (level 1 or 2, 30° or 15°, chosen from the resolution), in the final pass refined on the
+next grid level; a particle's posteriors never depend on the other particles of its batch.
 
 Initial volumes. Class ``k`` starts from the reconstruction of its own random subset of particles at uniformly
 random poses (a seeded draw): a blob of the right size and grey scale with a little random structure.
@@ -50,10 +45,9 @@ its class posteriors, best pose and shift are reported, and each class volume is
 particles' posteriors with the Wiener filter of the FSC between two random half-sets, so the volumes are on the
 grey scale of the data and refinement can start from them without rescaling.
 
-Working box. Only coefficients inside the maximum resolution (plus a taper) are ever used, so each particle's
-transform is cropped once to a half-plane list of them, sorted by frequency so that every resolution is a prefix,
-and the volumes live on a Fourier-cropped box ``D_w`` just large enough to hold them. Integer frequencies are the
-same in both boxes; output volumes are Fourier-padded back to the particles' box ``D``.
+Working box. Only coefficients inside the maximum resolution (plus a taper) are ever used
+(:mod:`cryostack.core.spectra`); the volumes live on the Fourier-cropped working box ``D_w`` and output volumes
+are Fourier-padded back to the particles' box ``D``.
 
 Randomness. Every draw comes from a generator seeded by ``(seed, purpose, iteration)``, so a run resumed from a
 checkpoint of its state continues exactly as the uninterrupted run.
@@ -68,29 +62,25 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-import scipy.sparse
 
 from cryostack.core.backend import array_module, to_host
-from cryostack.core.ctf import CtfParameters
-from cryostack.core.fourier import centered_coefficients_2d, fft3_centered, ifft3_centered, resolution_to_shell
+from cryostack.core.fourier import fft3_centered, fourier_pad_3d, ifft3_centered, resolution_to_shell
 from cryostack.core.fsc import fsc_curve, resolution_at_threshold
 from cryostack.core.geometry import matrix_to_euler, uniform_random_rotations
-from cryostack.core.poses import shift_step_px, so3_children, so3_grid_matrices, so3_level_for_step
+from cryostack.core.masks import soft_spherical_mask
+from cryostack.core.numerics import log_sum_exp, seed_sequence, softmax
+from cryostack.core.poses import shift_step_px, so3_grid_matrices, so3_level_for_step
 from cryostack.core.projection import FourierAccumulator, Projector
 from cryostack.core.reconstruction import reconstruct_from_sums
-from cryostack.core.scoring import (
-    iter_log_likelihoods,
-    iter_posteriors,
-    local_log_likelihoods,
-    log_likelihoods,
-    shift_phase_ramps,
-)
+from cryostack.core.scoring import log_likelihoods
+from cryostack.core.search import ClassPosteriors, PoseSearch, shift_lattice
+from cryostack.core.spectra import TAPER_SHELLS, ParticleBatch, ParticleSpectra
 from cryostack.errors import InvalidArgumentError
 
 # Streams of the job's seed, one per purpose, so that draws for one purpose never shift another's.
@@ -98,29 +88,15 @@ _STREAM_INIT = 1
 _STREAM_MINIBATCH = 2
 _STREAM_HALVES = 3
 
-# Coefficients kept beyond the maximum resolution (in shells), so the final maps end in a taper, not a cliff.
-_TAPER_SHELLS = 2.0
 # Fraction of the box diameter the particle is assumed to span when sizing the angular sampling.
 _PARTICLE_DIAMETER_FRACTION = 0.6
 # Levels of the global SO(3) search during the iterations (level 1: 30°, level 2: 15°).
 _MIN_SEARCH_LEVEL = 1
 _MAX_SEARCH_LEVEL = 2
-# The coarse stage of the search scores at half the resolution, but on at least this many shells.
-_COARSE_MIN_SHELLS = 6.0
-# Best coarse rotations per particle carried to the fine stage, and parents refined on the finer grid (8 children
-# each). The coarse stage scores at half the resolution, where the true pose of a clean projection at 20 Å ranks
-# beyond the 16th for a fifth of the particles: these counts recover it as often as scoring every particle of a
-# batch against all of the batch's candidates did.
-_COARSE_KEEP = 128
-_REFINE_PARENTS = 32
 # Particles per chunk of the final pass. Results do not depend on it; a chunk projects and back-projects the union
 # of its particles' rotations once, so larger chunks share more of them (3,000 particles in chunks of 500, 1,500
 # and 3,000: 21.8, 14.3 and 9.4 s) at the cost of holding that union's templates (~C·8 bytes each, per class).
 _FINAL_CHUNK = 1500
-# Working memory of one scoring block (the kernel splits particles × templates to stay within it).
-_SCORING_BLOCK_BYTES = 64 * 2**20
-# Posteriors (normalised per particle and class) below this are neither back-projected nor kept.
-_POSTERIOR_FLOOR = 1e-4
 # Memory of the running noise estimate, in images (cryoSPARC's "noise initw"), at most this fraction of the run.
 _NOISE_MEMORY_IMAGES = 5000.0
 _NOISE_MEMORY_FRACTION = 0.1
@@ -220,120 +196,6 @@ def _finite_positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-@dataclass(frozen=True)
-class SpectralLayout:
-    """The half-plane Fourier coefficients kept per particle, sorted by frequency (every limit is a prefix)."""
-
-    box_px: int  # D, the particles' box
-    pixel_size_a: float
-    ky: np.ndarray  # (C,) int64 centred integer frequencies
-    kx: np.ndarray  # (C,) int64
-    radius: np.ndarray  # (C,) float64 |k| in shells
-    shell: np.ndarray  # (C,) int64 round(|k|)
-    working_box_px: int  # D_w: the Fourier-cropped box the volumes live on
-
-    @classmethod
-    def for_resolution(cls, box_px: int, pixel_size_a: float, max_resolution_a: float) -> SpectralLayout:
-        """Coefficients with ``0 < |k| <= r_max + taper`` on one half-plane (``ky > 0``, or ``ky = 0, kx > 0``)."""
-        limit = min(resolution_to_shell(box_px, pixel_size_a, max_resolution_a) + _TAPER_SHELLS, box_px // 2)
-        k = np.arange(box_px) - box_px // 2
-        ky, kx = (a.ravel() for a in np.meshgrid(k, k, indexing="ij"))
-        radius = np.hypot(ky, kx)
-        keep = ((ky > 0) | ((ky == 0) & (kx > 0))) & (radius <= limit + 1e-9)
-        order = np.argsort(radius[keep], kind="stable")
-        ky, kx, radius = ky[keep][order], kx[keep][order], radius[keep][order]
-        working = min(box_px, 2 * int(np.ceil(limit)) + 4)
-        if working < box_px:
-            working += working % 2
-        return cls(box_px, float(pixel_size_a), ky, kx, radius, np.rint(radius).astype(np.int64), working)
-
-    @property
-    def n_coefficients(self) -> int:
-        """Number of coefficients C kept per particle."""
-        return int(self.ky.shape[0])
-
-    @property
-    def n_shells(self) -> int:
-        """Shells 0 .. D_w // 2 of the working box."""
-        return self.working_box_px // 2 + 1
-
-    @property
-    def working_pixel_size_a(self) -> float:
-        """Voxel size of the working box, in Å."""
-        return self.box_px * self.pixel_size_a / self.working_box_px
-
-    def count_within(self, resolution_a: float) -> int:
-        """How many leading coefficients lie inside ``resolution_a``."""
-        r = resolution_to_shell(self.box_px, self.pixel_size_a, resolution_a)
-        return int(np.searchsorted(self.radius, r + 1e-9, side="right"))
-
-    def flat_indices(self, box_px: int) -> np.ndarray:
-        """Flat indices (C,) of the coefficients in a centred ``box_px``² grid."""
-        half = box_px // 2
-        return (self.ky + half) * box_px + (self.kx + half)
-
-    def frequencies_inv_a(self) -> tuple[np.ndarray, np.ndarray]:
-        """Spatial frequencies (fy, fx) in 1/Å of the coefficients: two (C,) float64."""
-        scale = 1.0 / (self.box_px * self.pixel_size_a)
-        return self.ky * scale, self.kx * scale
-
-    def shell_sum(self, values: np.ndarray) -> np.ndarray:
-        """Sum of per-coefficient values (C',) of the first C' coefficients over each shell: (n_shells,)."""
-        c = values.shape[-1]
-        return np.bincount(self.shell[:c], weights=values, minlength=self.n_shells)[: self.n_shells]
-
-    def shell_count(self, count: int) -> np.ndarray:
-        """How many of the first ``count`` coefficients fall in each shell: (n_shells,) int64."""
-        return np.bincount(self.shell[:count], minlength=self.n_shells)[: self.n_shells]
-
-
-@dataclass
-class ParticleSpectra:
-    """Every particle's kept Fourier coefficients and CTF parameters, in memory for random minibatch access.
-
-    The coefficients live on the device a run computes on (numpy: host memory, cupy: the GPU); a run takes its
-    array module from them.
-    """
-
-    layout: SpectralLayout
-    coefficients: Any  # (N, C) complex64 (numpy or cupy), centred transforms at the layout's coefficients
-    ctf: CtfParameters
-    power: np.ndarray  # (n_shells,) float64 mean |X|² per coefficient and shell (signal plus noise)
-
-    @property
-    def n_particles(self) -> int:
-        """Number of particles N."""
-        return int(self.coefficients.shape[0])
-
-
-def collect_spectra(
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
-    n_particles: int,
-    ctf: CtfParameters,
-    layout: SpectralLayout,
-    xp: ModuleType = np,
-) -> ParticleSpectra:
-    """Transform image batches ``(rows (B,), images (B, D, D))`` once and keep the layout's coefficients.
-
-    The coefficients are kept in array module ``xp`` (numpy, or cupy to run on the GPU); images may be host arrays.
-    """
-    flat = layout.flat_indices(layout.box_px)
-    coefficients = xp.zeros((n_particles, layout.n_coefficients), dtype=np.complex64)
-    power_sum = xp.zeros(layout.n_coefficients)  # (C,) float64 Σ |X|² over particles, summed batch by batch
-    seen = np.zeros(n_particles, dtype=bool)
-    for rows, images in batches:
-        kept = centered_coefficients_2d(xp.asarray(images), flat)  # (B, C) complex64
-        coefficients[xp.asarray(rows)] = kept
-        power_sum += (kept.real**2 + kept.imag**2).sum(axis=0, dtype=np.float64)
-        seen[rows] = True
-    if not seen.all():
-        raise InvalidArgumentError("particles", f"{int((~seen).sum())} of {n_particles} particles were never read")
-    mean_power = to_host(power_sum) / n_particles  # (C,)
-    counts = layout.shell_count(layout.n_coefficients)
-    power = _fill_empty_shells(np.where(counts > 0, layout.shell_sum(mean_power) / np.maximum(counts, 1), 0.0))
-    return ParticleSpectra(layout=layout, coefficients=coefficients, ctf=ctf, power=power)
-
-
 @dataclass
 class AbinitioState:
     """Everything a run carries from one iteration to the next (what a checkpoint stores)."""
@@ -424,26 +286,6 @@ class AbinitioResult:
         return -self.shift_px.astype(np.float64) * self.pixel_size_a
 
 
-@dataclass(frozen=True)
-class _Posteriors:
-    """The significant poses of a batch of particles in one class, as sparse entries.
-
-    The entries (``particle`` … ``weight``) stay on the run's device; the per-particle summaries are host arrays.
-    """
-
-    count: int  # coefficients scored (the resolution limit)
-    rotations: np.ndarray  # (M, 3, 3) the rotations ``template`` refers to
-    shifts_px: np.ndarray  # (S, 2) the shift lattice ``shift`` refers to, relative to each particle's centre
-    centre_px: np.ndarray  # (n, 2) per-particle shift the lattice is centred on
-    particle: Any  # (E,) int64 entry's particle (row in the batch)
-    template: Any  # (E,) int64
-    shift: Any  # (E,) int64
-    weight: Any  # (E,) float32 posterior within the class (each particle's entries sum to about 1)
-    log_evidence: np.ndarray  # (n,) float64 log Σ_{A,s} exp(LL / T) over the scored poses
-    best_template: np.ndarray  # (n,) int64
-    best_shift: np.ndarray  # (n,) int64
-
-
 class AbinitioRun:
     """One ab-initio run over a particle set: :meth:`step` through the iterations, then :meth:`finish`."""
 
@@ -458,9 +300,8 @@ class AbinitioRun:
         self.layout = spectra.layout
         self.working_box = self.layout.working_box_px
         self.padded_box = 2 * self.working_box
-        self.flat_working = self.layout.flat_indices(self.working_box)  # (C,) into the D_w grid
-        self.flat_particle = self.layout.flat_indices(self.layout.box_px)  # (C,) into the D grid
-        self.fy, self.fx = (self.xp.asarray(f) for f in self.layout.frequencies_inv_a())  # (C,) on the device
+        self.search = PoseSearch(self.layout, self.xp)
+        self.flat_working = self.search.flat_working  # (C,) into the D_w grid
         self.max_shift_px = 0.1 * self.layout.box_px if params.max_shift_px is None else params.max_shift_px
         halves = np.random.default_rng(self._seed_sequence(_STREAM_HALVES, 0))
         self.half_set = halves.integers(0, 2, spectra.n_particles)  # (N,) 0 or 1
@@ -478,7 +319,10 @@ class AbinitioRun:
     # ----------------------------------------------------------------------------------------------- schedules
 
     def _seed_sequence(self, stream: int, iteration: int) -> np.random.SeedSequence:
-        return np.random.SeedSequence(self.seed, spawn_key=(stream, iteration))
+        return seed_sequence(self.seed, stream, iteration)
+
+    def _batch(self, rows: np.ndarray) -> ParticleBatch:
+        return self.spectra.batch(rows, self.half_set)
 
     def _marching(self, iteration: int) -> float:
         """Fraction of the initial (marching) iterations done before ``iteration`` (0-based), in [0, 1]."""
@@ -541,7 +385,7 @@ class AbinitioRun:
         for k in range(k_count):
             rows = np.sort(rng.choice(self.spectra.n_particles, size=size, replace=False))
             rotations = uniform_random_rotations(size, rng)  # (n, 3, 3)
-            x, ctf = self._particle_terms(rows, count, None)  # (n, C), (n, C)
+            x, ctf = self.search.particle_terms(self._batch(rows), count, None)  # (n, C), (n, C)
             for half in (0, 1):
                 take = self.half_set[rows] == half
                 on_device = xp.asarray(take)
@@ -562,12 +406,12 @@ class AbinitioRun:
         )
         resolution = self.resolution_at(0)
         count = self.layout.count_within(resolution)
-        shifts = _shift_lattice(shift_step_px(resolution, self.layout.pixel_size_a), self.max_shift_px)
+        shifts = shift_lattice(shift_step_px(resolution, self.layout.pixel_size_a), self.max_shift_px)
         rotations = so3_grid_matrices(self.so3_level_at(resolution))
         templates = Projector(self._volumes[0]).project(rotations, coefficients=self.flat_working[:count])
-        x, ctf = self._particle_terms(rows, count, None)
-        noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        ramps = self._shift_ramps(shifts, count)
+        x, ctf = self.search.particle_terms(self._batch(rows), count, None)
+        noise_var = self.search.noise_variance(self.state.noise_power, count)
+        ramps = self.search.shift_ramps(shifts, count)
         # One block of log-likelihoods (n, S, M); a temperature T scales every σ² by T.
         ll = to_host(log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps))
         ll = ll.reshape(rows.size, -1).astype(np.float64)
@@ -640,7 +484,7 @@ class AbinitioRun:
 
         search = self._search(rows, resolution, level)
         log_evidence = np.stack([s.log_evidence for s in search], axis=1)  # (n, K)
-        posteriors = _softmax(log_evidence + self.state.log_prior[None, :])  # (n, K)
+        posteriors = softmax(log_evidence + self.state.log_prior[None, :])  # (n, K)
         mixed = (1.0 - similarity) * posteriors + similarity / p.class_count
         data, weight = self._back_project(rows, search, mixed)
         self.state.data = (1 - rate) * self.state.data + (rate / size) * data
@@ -650,7 +494,7 @@ class AbinitioRun:
         self.state.iteration = it + 1
         self._volumes = self._current_volumes(refresh_fsc=self.state.iteration % _FSC_EVERY == 0)
 
-        evidence = _log_sum_exp(log_evidence + self.state.log_prior[None, :], axis=1)
+        evidence = log_sum_exp(log_evidence + self.state.log_prior[None, :], axis=1)
         return IterationReport(
             iteration=it + 1,
             total_iterations=p.total_iterations,
@@ -666,232 +510,26 @@ class AbinitioRun:
 
     # ------------------------------------------------------------------------------------------------- E-step
 
+    # ------------------------------------------------------------------------------------------ E- and M-step
+
     def _search(self, rows: np.ndarray, resolution_a: float, level: int, refine: bool = False
-                ) -> list[_Posteriors]:
-        """Posteriors of particles ``rows`` over every class's rotations and shifts (see the module docstring)."""
-        count = self.layout.count_within(resolution_a)
-        shell_limit = resolution_to_shell(self.layout.box_px, self.layout.pixel_size_a, resolution_a)
-        coarse_shells = min(shell_limit, max(shell_limit / 2, _COARSE_MIN_SHELLS))
-        coarse_count = self.layout.count_within(resolution_a * shell_limit / coarse_shells)
-        fine_step = shift_step_px(resolution_a, self.layout.pixel_size_a)
-        two_stage = coarse_count < count
-        coarse_step = 2 * fine_step if two_stage else fine_step
-        coarse_shifts = _shift_lattice(coarse_step, self.max_shift_px)
-        grid = so3_grid_matrices(level)
-        zero = np.zeros((rows.size, 2), dtype=np.float32)
-        out = []
-        for volume in self._volumes:
-            projector = Projector(volume)
-            if not two_stage and not refine:
-                templates = projector.project(grid, coefficients=self.flat_working[:count])
-                out.append(self._posteriors(rows, count, grid, templates, coarse_shifts, zero))
-                continue
-            templates = projector.project(grid, coefficients=self.flat_working[:coarse_count])
-            best_shift, top = self._coarse(rows, coarse_count, templates, coarse_shifts)
-            centre = coarse_shifts[best_shift]  # (n, 2)
-            # Each particle's own rotations: its best coarse ones, or in the final pass their children on the
-            # next grid. They are projected once for the batch (their union) and each particle is scored
-            # against its own only, so its posteriors do not depend on which particles share its batch.
-            if refine:
-                own = so3_children(level, top[:, :_REFINE_PARENTS].ravel()).reshape(rows.size, -1)
-            else:
-                own = top[:, :_COARSE_KEEP]
-            union, index = np.unique(own, return_inverse=True)
-            rotations = so3_grid_matrices(level + 1, union) if refine else grid[union]
-            # The true shift lies within half a coarse step of the best coarse one along each axis; a disc of one
-            # coarse step around it covers that square with a margin.
-            local = _shift_lattice(fine_step, coarse_step * 1.01)
-            templates = projector.project(rotations, coefficients=self.flat_working[:count])
-            out.append(self._local_posteriors(rows, count, rotations, templates, index.reshape(own.shape), local,
-                                              centre))
-        return out
+                ) -> list[ClassPosteriors]:
+        """Posteriors of particles ``rows`` over every class's rotations and shifts (the core's global search)."""
+        batch = self._batch(rows)
+        return [self.search.global_search(batch, volume, self.state.noise_power, resolution_a, level,
+                                          self.max_shift_px, refine=refine) for volume in self._volumes]
 
-    def _coarse(self, rows: np.ndarray, count: int, templates: np.ndarray, shifts_px: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """The coarse stage: each particle's best shift (n,) and most likely templates (n, k), best first.
-
-        Templates are ranked by their best log-likelihood over the shifts: a ranking needs no normalisation,
-        so no exponential is taken.
-        """
-        xp, n = self.xp, rows.size
-        x, ctf = self._particle_terms(rows, count, None)
-        noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        ramps = self._shift_ramps(shifts_px, count)  # (S, C)
-        peak = xp.empty((n, templates.shape[0]), dtype=np.float32)  # (n, M) best LL over shifts
-        best_value = xp.full(n, -np.inf, dtype=np.float32)
-        best_shift = xp.zeros(n, dtype=np.int64)
-        for block in iter_log_likelihoods(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
-                                          max_bytes=_SCORING_BLOCK_BYTES):
-            values = block.shift_terms  # (b, S, m), made log-likelihoods in place
-            values -= block.offset[:, None, :]
-            b, _, m = values.shape
-            peak[block.particles, block.templates] = values.max(axis=1)
-            flat = values.reshape(b, -1)
-            arg = xp.argmax(flat, axis=1)  # (b,) over (shift, template)
-            value = flat[xp.arange(b), arg]
-            better = value > best_value[block.particles]
-            rows_better = xp.flatnonzero(better) + block.particles.start
-            best_value[rows_better] = value[better]
-            best_shift[rows_better] = arg[better] // m
-        keep = min(max(_COARSE_KEEP, _REFINE_PARENTS), templates.shape[0])
-        top = xp.argpartition(-peak, keep - 1, axis=1)[:, :keep]
-        top = xp.take_along_axis(top, xp.argsort(-xp.take_along_axis(peak, top, axis=1), axis=1), axis=1)
-        return to_host(best_shift), to_host(top)
-
-    def _particle_terms(self, rows: np.ndarray, count: int, centre_px: np.ndarray | None) -> tuple[Any, Any]:
-        """On the device: coefficients moved back by each particle's centre shift (n, C) complex64 (``None``: not
-        moved), and their CTF (n, C) float32."""
-        x = self.spectra.coefficients[self.xp.asarray(rows), :count]
-        if centre_px is not None:
-            x = x * self._shift_ramps(centre_px, count)  # (n, C)
-        return x, self.spectra.ctf.take(rows).at(self.fy[:count], self.fx[:count])
-
-    def _shift_ramps(self, shifts_px: np.ndarray, count: int) -> Any:
-        """Phase ramps (S, C) complex64 on the device of shifts (S, 2) px over the first ``count`` coefficients."""
-        return shift_phase_ramps(self.xp.asarray(shifts_px), self.layout.box_px, self.flat_particle[:count])
-
-    def _posteriors(self, rows: np.ndarray, count: int, rotations: np.ndarray, templates: np.ndarray,
-                    shifts_px: np.ndarray, centre_px: np.ndarray) -> _Posteriors:
-        """Marginalise particles ``rows`` over templates × shifts (relative to their centres); keep the significant."""
-        xp, n = self.xp, rows.size
-        x, ctf = self._particle_terms(rows, count, centre_px)
-        # Half-plane coefficients stand for two of the full plane: their variance term counts twice.
-        noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        ramps = self._shift_ramps(shifts_px, count)  # (S, C)
-        log_evidence = xp.zeros(n)
-        best_value = xp.full(n, -1.0)
-        best_template = xp.zeros(n, dtype=np.int64)
-        best_shift = xp.zeros(n, dtype=np.int64)
-        kept: list[tuple[Any, ...]] = []
-        for block in iter_posteriors(x, templates, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
-                                     max_bytes=_SCORING_BLOCK_BYTES):
-            values = block.values  # (b, S, m)
-            p0, t0 = block.particles.start, block.templates.start
-            b, n_shifts, m = values.shape
-            log_evidence[block.particles] = block.log_evidence.astype(np.float64)
-            flat = values.reshape(b, -1)
-            arg = xp.argmax(flat, axis=1)
-            peak = flat[xp.arange(b), arg]
-            better = peak > best_value[block.particles]
-            rows_better = xp.flatnonzero(better) + p0
-            best_value[rows_better] = peak[better]
-            best_shift[rows_better] = arg[better] // m
-            best_template[rows_better] = arg[better] % m + t0
-            particle, shift, template = xp.nonzero(values >= _POSTERIOR_FLOOR)
-            kept.append((particle + p0, template + t0, shift, values[particle, shift, template]))
-        particle, template, shift, weight = (xp.concatenate(column) for column in zip(*kept, strict=True))
-        return _Posteriors(
-            count=count,
-            rotations=rotations,
-            shifts_px=shifts_px,
-            centre_px=centre_px,
-            particle=particle.astype(np.int64),
-            template=template.astype(np.int64),
-            shift=shift.astype(np.int64),
-            weight=weight.astype(np.float32),
-            log_evidence=to_host(log_evidence),
-            best_template=to_host(best_template),
-            best_shift=to_host(best_shift),
-        )
-
-    def _local_posteriors(self, rows: np.ndarray, count: int, rotations: np.ndarray, templates: np.ndarray,
-                          own: np.ndarray, shifts_px: np.ndarray, centre_px: np.ndarray) -> _Posteriors:
-        """Marginalise each particle over its own templates ``own`` (n, m) × shifts around its centre.
-
-        A template listed twice for one particle (two parents can share a child) counts once.
-        """
-        xp, (n, m) = self.xp, own.shape
-        x, ctf = self._particle_terms(rows, count, centre_px)
-        noise_var = (0.5 * self.state.noise_power[self.layout.shell[:count]]).astype(np.float32)
-        ramps = self._shift_ramps(shifts_px, count)  # (S, C)
-        ll = local_log_likelihoods(x, templates, own, ctf=ctf, noise_var=noise_var, shift_ramps=ramps,
-                                   max_bytes=_SCORING_BLOCK_BYTES)  # (n, S, m)
-        order = np.argsort(own, axis=1)
-        repeated = np.zeros((n, m), dtype=bool)
-        np.put_along_axis(repeated, order[:, 1:], np.diff(np.take_along_axis(own, order, axis=1), axis=1) == 0,
-                          axis=1)
-        scores = xp.where(xp.asarray(repeated)[:, None, :], -np.inf, ll.astype(np.float64)).reshape(n, -1)  # (n, S·m)
-        best = xp.argmax(scores, axis=1)
-        relative = xp.exp(scores - scores[xp.arange(n), best][:, None])
-        total = relative.sum(axis=1)
-        weight = relative / total[:, None]
-        particle, pair = xp.nonzero(weight >= _POSTERIOR_FLOOR)
-        shift, slot = xp.divmod(pair, m)
-        own_device = xp.asarray(own)
-        best = to_host(best)
-        return _Posteriors(
-            count=count,
-            rotations=rotations,
-            shifts_px=shifts_px,
-            centre_px=centre_px,
-            particle=particle.astype(np.int64),
-            template=own_device[particle, slot].astype(np.int64),
-            shift=shift.astype(np.int64),
-            weight=weight[particle, pair].astype(np.float32),
-            log_evidence=to_host(scores[xp.arange(n), xp.asarray(best)] + xp.log(total)),
-            best_template=own[np.arange(n), best % m].astype(np.int64),
-            best_shift=(best // m).astype(np.int64),
-        )
-
-    def _back_project(self, rows: np.ndarray, search: list[_Posteriors], class_weights: np.ndarray
+    def _back_project(self, rows: np.ndarray, search: list[ClassPosteriors], class_weights: np.ndarray
                       ) -> tuple[Any, Any]:
-        """Per class and half-set, the sums ``Σ w·CTF·X/σ²`` and ``Σ w·CTF²/σ²`` over the batch's poses.
+        """Per class and half-set, the sums (K, 2, P, P, P) of the batch's poses weighted by ``class_weights``."""
+        return self.search.back_project(self._batch(rows), search, class_weights, self.state.noise_power)
 
-        ``class_weights`` (n, K) weighs each particle's entries per class; the sums (K, 2, P, P, P) stay on the device.
-        """
-        xp, sparse = self.xp, _sparse_module(self.xp)
-        n = rows.size
-        p = self.padded_box
-        count = search[0].count
-        inv_var = xp.asarray((1.0 / self.state.noise_power[self.layout.shell[:count]]).astype(np.float32))
-        data = xp.zeros((len(search), 2, p, p, p), dtype=np.complex64)
-        weight = xp.zeros((len(search), 2, p, p, p), dtype=np.float32)
-        halves = xp.asarray(self.half_set[rows])
-        class_weights = xp.asarray(class_weights)
-        for k, post in enumerate(search):
-            x, ctf = self._particle_terms(rows, count, post.centre_px)
-            ramps = self._shift_ramps(post.shifts_px, count)  # (S, C)
-            n_shifts = ramps.shape[0]
-            aligned = ((x * ctf * inv_var)[:, None, :] * ramps[None, :, :]).reshape(n * n_shifts, count)
-            aligned_real = aligned.view(np.float32)  # (n·S, 2C)
-            power = ctf * ctf * inv_var  # (n, C)
-            w = post.weight * class_weights[post.particle, k].astype(np.float32)  # (E,)
-            n_rot = post.rotations.shape[0]
-            for half in (0, 1):
-                sel = halves[post.particle] == half
-                if not bool(sel.any()):
-                    continue
-                particle, template = post.particle[sel], post.template[sel]
-                column = particle * n_shifts + post.shift[sel]
-                by_pair = sparse.csr_matrix((w[sel], (template, column)), shape=(n_rot, n * n_shifts))
-                by_particle = sparse.csr_matrix((w[sel], (template, particle)), shape=(n_rot, n))
-                used = xp.flatnonzero(xp.diff(by_particle.indptr))
-                # Real arithmetic on the interleaved (Re, Im) view: sparse × complex runs far slower.
-                slices = xp.ascontiguousarray(by_pair[used] @ aligned_real).view(np.complex64)  # (U, C)
-                slice_weights = xp.asarray(by_particle[used] @ power, dtype=np.float32)  # (U, C)
-                accumulator = FourierAccumulator(self.working_box, xp=xp)
-                accumulator.insert(slices, post.rotations[to_host(used)], slice_weights,
-                                   coefficients=self.flat_working[:count])
-                data[k, half], weight[k, half] = accumulator.padded_sums()
-        return data, weight
-
-    def _update_noise(self, rows: np.ndarray, search: list[_Posteriors], posteriors: np.ndarray) -> None:
+    def _update_noise(self, rows: np.ndarray, search: list[ClassPosteriors], posteriors: np.ndarray) -> None:
         """Fold the residual power at each particle's best class and pose into the running σ² per shell."""
         n = rows.size
         count = search[0].count
-        best = np.argmax(posteriors, axis=1)
-        residual_power = self.xp.zeros(count)  # (C,) float64
-        for k, post in enumerate(search):
-            members = np.flatnonzero(best == k)
-            if members.size == 0:
-                continue
-            x, ctf = self._particle_terms(rows[members], count, post.centre_px[members])
-            templates = Projector(self._volumes[k]).project(
-                post.rotations[post.best_template[members]], coefficients=self.flat_working[:count]
-            )  # (m, C)
-            ramps = self._shift_ramps(post.shifts_px[post.best_shift[members]], count)
-            residual = x * ramps - ctf * templates
-            residual_power += (residual.real**2 + residual.imag**2).sum(axis=0)
+        residual_power = self.search.residual_power(self._batch(rows), search, np.argmax(posteriors, axis=1),
+                                                    self._volumes)
         counts = self.layout.shell_count(count)
         covered = counts > 0
         decay = max(0.0, 1.0 - n / self.noise_memory)
@@ -914,7 +552,7 @@ class AbinitioRun:
         for start in range(0, n_total, chunk_size):
             rows = np.arange(start, min(start + chunk_size, n_total))
             search = self._search(rows, resolution, level, refine=refine)
-            post = _softmax(np.stack([s.log_evidence for s in search], axis=1) + self.state.log_prior[None, :])
+            post = softmax(np.stack([s.log_evidence for s in search], axis=1) + self.state.log_prior[None, :])
             posteriors[rows] = post
             best = np.argmax(post, axis=1)
             for k, s in enumerate(search):
@@ -945,78 +583,25 @@ class AbinitioRun:
         box = self.layout.box_px
         out = np.empty((data.shape[0], box, box, box), dtype=np.float32)
         fscs = np.empty((data.shape[0], self.layout.n_shells))
-        taper = _cosine_taper(
+        taper = soft_spherical_mask(
             self.working_box,
             resolution_to_shell(self.layout.box_px, self.layout.pixel_size_a, self.params.max_resolution_a),
-            _TAPER_SHELLS,
+            TAPER_SHELLS,
             self.xp,
         )
         for k in range(data.shape[0]):
             fscs[k] = self._half_set_fsc(data[k], weight[k])
             merged = self._wiener(data[k], weight[k], fscs[k])
-            out[k] = to_host(_fourier_pad_3d(fft3_centered(merged) * taper, box))
+            out[k] = to_host(fourier_pad_3d(fft3_centered(merged) * taper, box))
         return out, fscs
-
-
-def _shift_lattice(step_px: float, radius_px: float) -> np.ndarray:
-    """Square lattice of shifts (S, 2) px, (x, y), with the given step inside a disc of the given radius."""
-    half = math.floor(radius_px / step_px + 1e-9)
-    axis = np.arange(-half, half + 1) * step_px
-    gx, gy = np.meshgrid(axis, axis, indexing="xy")
-    grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    keep = np.hypot(grid[:, 0], grid[:, 1]) <= radius_px + 1e-6
-    return grid[keep].astype(np.float32)
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of (n, K) scores."""
-    e = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _log_sum_exp(values: np.ndarray, axis: int) -> np.ndarray:
-    peak = values.max(axis=axis, keepdims=True)
-    return (np.log(np.exp(values - peak).sum(axis=axis, keepdims=True)) + peak).squeeze(axis)
-
-
-def _fill_empty_shells(power: np.ndarray) -> np.ndarray:
-    """Replace non-positive shell powers (shells without kept coefficients) by the nearest filled shell's."""
-    out = power.copy()
-    filled = np.flatnonzero(out > 0)
-    if filled.size == 0:
-        return np.ones_like(out)
-    for i in np.flatnonzero(out <= 0):
-        out[i] = out[filled[np.argmin(np.abs(filled - i))]]
-    return out
-
-
-def _sparse_module(xp: ModuleType) -> Any:
-    """The sparse-matrix namespace of an array module: scipy.sparse, or cupyx.scipy.sparse for cupy."""
-    if xp is np:
-        return scipy.sparse
-    import cupyx.scipy.sparse  # noqa: PLC0415
-
-    return cupyx.scipy.sparse
-
-
-def _radius_grid(box_px: int, xp: ModuleType = np) -> Any:
-    """Distance (px) of every voxel of a (D, D, D) grid from the origin voxel ``D // 2``."""
-    k = xp.arange(box_px) - box_px // 2
-    return xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-
-
-def _cosine_taper(box_px: int, start: float, width: float, xp: ModuleType = np) -> Any:
-    """1 inside radius ``start``, a raised-cosine fall to 0 over ``width``: (D, D, D) float32."""
-    t = xp.clip((_radius_grid(box_px, xp) - start) / width, 0.0, 1.0)
-    return (0.5 * (1.0 + xp.cos(np.pi * t))).astype(np.float32)
 
 
 def _real_space_masks(box_px: int, xp: ModuleType = np) -> tuple[Any, Any]:
     """The soft spherical window (D, D, D) float32 and the solvent region (D, D, D) bool of the working box."""
     half = box_px / 2.0
     inner, outer = (f * half for f in _WINDOW_RADII)
-    window = _cosine_taper(box_px, inner, outer - inner, xp)
-    solvent = _radius_grid(box_px, xp) >= _SOLVENT_RADIUS * half
+    window = soft_spherical_mask(box_px, inner, outer - inner, xp)
+    solvent = soft_spherical_mask(box_px, _SOLVENT_RADIUS * half, 0.0, xp) == 0
     return window, solvent
 
 
@@ -1040,14 +625,3 @@ def _constrain(volume: Any, window: Any, solvent: Any) -> Any:
     kz, ky, kx = xp.meshgrid(k, k, k, indexing="ij")
     ramp = xp.exp(2j * np.pi * (kx * centre[0] + ky * centre[1] + kz * centre[2]) / box)
     return xp.asarray(ifft3_centered(fft3_centered(positive) * ramp).real, dtype=np.float32)
-
-
-def _fourier_pad_3d(volume_ft: Any, box_px: int) -> Any:
-    """Real map (D, D, D) float32 from a centred transform on a smaller box, zero-padded in Fourier space."""
-    xp = array_module(volume_ft)
-    small = volume_ft.shape[-1]
-    padded = xp.zeros((box_px,) * 3, dtype=np.complex64)
-    start = box_px // 2 - small // 2
-    window = slice(start, start + small)
-    padded[window, window, window] = volume_ft
-    return xp.asarray(ifft3_centered(padded).real, dtype=np.float32)

@@ -26,6 +26,7 @@ from threadpoolctl import ThreadpoolController
 from cryostack.abinitio.v1 import abinitio_pb2, abinitio_pb2_grpc
 from cryostack.config import ServiceSettings
 from cryostack.core.backend import default_xp
+from cryostack.core.spectra import SpectralLayout, collect_spectra
 from cryostack.errors import InvalidArgumentError
 from cryostack.io.objectstore import ObjectStore
 from cryostack.io.particles import ParticleStackReader
@@ -40,8 +41,6 @@ from cryostack.services.abinitio.algorithm import (
     AbinitioRun,
     AbinitioState,
     IterationReport,
-    SpectralLayout,
-    collect_spectra,
 )
 
 SERVICE_NAME = abinitio_pb2.DESCRIPTOR.services_by_name["AbinitioService"].full_name
