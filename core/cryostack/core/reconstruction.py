@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from cryostack.core.backend import array_module
+from cryostack.core.backend import array_module, to_host
 from cryostack.core.fourier import ifft2_centered, ifft3_centered, n_shells
 from cryostack.core.fsc import fsc_curve
 from cryostack.core.projection import (
@@ -135,6 +135,25 @@ def reconstruct_from_sums(
         crop = (slice(start, start + box_px),) * ndim
         out.append(real[crop] / gridding_correction(box_px, padded_box, ndim, xp))
     return xp.stack(out).reshape(lead + (box_px,) * ndim).astype(np.float32)
+
+
+def full_data_fsc(half_set_fsc: Any) -> Any:
+    """FSC of the full data from the FSC of its two half-sets: ``2·FSC / (1 + FSC)``, FSC clipped to [0, 1]."""
+    xp = array_module(half_set_fsc)
+    clipped = xp.clip(half_set_fsc, 0.0, 1.0)
+    return 2 * clipped / (1 + clipped)
+
+
+def half_set_fsc_from_sums(data: Any, weight: Any, box_px: int) -> np.ndarray:
+    """FSC (D // 2 + 1,) float64 of the plainly regularised 3D half maps of half-set sums (2, P, P, P)."""
+    halves = [reconstruct_from_sums(data[h], weight[h], box_px, 3) for h in (0, 1)]
+    return to_host(fsc_curve(halves[0], halves[1])).astype(np.float64)
+
+
+def wiener_from_half_sums(data: Any, weight: Any, box_px: int, half_set_fsc: np.ndarray) -> Any:
+    """The 3D map (D, D, D) float32 of both half-sets' sums (2, P, P, P), Wiener-filtered with their full-data FSC."""
+    return reconstruct_from_sums(data.sum(axis=0), weight.sum(axis=0), box_px, 3,
+                                 fsc=full_data_fsc(np.asarray(half_set_fsc)))
 
 
 def _weight_factors(images_ft: Any, ctf: Any | None, weights: Any | None) -> tuple[Any, Any]:
@@ -399,8 +418,7 @@ class HalfMapReconstructor:
             )
             for d, w in sums
         ]
-        xp = array_module(fsc)
-        full_fsc = 2 * xp.clip(fsc, 0, 1) / (1 + xp.clip(fsc, 0, 1))
+        full_fsc = full_data_fsc(fsc)
         merged = reconstruct_from_sums(
             sums[0][0] + sums[1][0], sums[0][1] + sums[1][1], self.box_px, 3, fsc=full_fsc, tau2_fudge=tau2_fudge,
             regularisation_relative=regularisation_relative,

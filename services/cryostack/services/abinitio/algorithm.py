@@ -71,13 +71,13 @@ import numpy as np
 
 from cryostack.core.backend import array_module, to_host
 from cryostack.core.fourier import fft3_centered, fourier_pad_3d, ifft3_centered, resolution_to_shell
-from cryostack.core.fsc import fsc_curve, resolution_at_threshold
+from cryostack.core.fsc import resolution_at_threshold
 from cryostack.core.geometry import matrix_to_euler, uniform_random_rotations
 from cryostack.core.masks import soft_spherical_mask
 from cryostack.core.numerics import log_sum_exp, seed_sequence, softmax
 from cryostack.core.poses import shift_step_px, so3_grid_matrices, so3_level_for_step
 from cryostack.core.projection import FourierAccumulator, Projector
-from cryostack.core.reconstruction import reconstruct_from_sums
+from cryostack.core.reconstruction import half_set_fsc_from_sums, wiener_from_half_sums
 from cryostack.core.scoring import log_likelihoods
 from cryostack.core.search import ClassPosteriors, PoseSearch, shift_lattice
 from cryostack.core.spectra import TAPER_SHELLS, ParticleBatch, ParticleSpectra
@@ -449,14 +449,11 @@ class AbinitioRun:
 
     def _half_set_fsc(self, data: Any, weight: Any) -> np.ndarray:
         """FSC (n_shells,) of the plainly regularised half-set maps of sums (2, P, P, P)."""
-        halves = [reconstruct_from_sums(data[h], weight[h], self.working_box, 3) for h in (0, 1)]
-        return to_host(fsc_curve(halves[0], halves[1])).astype(np.float64)
+        return half_set_fsc_from_sums(data, weight, self.working_box)
 
     def _wiener(self, data: Any, weight: Any, fsc: np.ndarray) -> Any:
         """Wiener map (D_w³) of both half-sets' sums (2, P, P, P), filtered with the full-data FSC of ``fsc``."""
-        clipped = np.clip(fsc, 0.0, 1.0)
-        return reconstruct_from_sums(data.sum(axis=0), weight.sum(axis=0), self.working_box, 3,
-                                     fsc=2 * clipped / (1 + clipped))
+        return wiener_from_half_sums(data, weight, self.working_box, fsc)
 
     def half_map_resolution_a(self) -> np.ndarray:
         """FSC-0.143 resolution (Å) of each class's running half-set maps: (K,)."""
