@@ -1,0 +1,1 @@
+"""Refinement service: heterogeneous and homogeneous (gold-standard) refinement, outputs and gRPC servicer."""
