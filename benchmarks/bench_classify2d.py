@@ -98,10 +98,10 @@ class KernelMeter:
     def install(self) -> None:
         """Wrap the classifier's coarse scoring call and local search with timers."""
         from cryostack.core.scoring import scoring_flops  # noqa: PLC0415
-        from cryostack.services.classify2d import algorithm  # noqa: PLC0415
+        from cryostack.services.classify2d import search  # noqa: PLC0415
 
-        original_iter = algorithm.iter_log_likelihoods
-        original_local = algorithm.Classifier2D._local_search
+        original_iter = search.iter_log_likelihoods
+        original_local = search.PoseSearch._local_search
         meter = self
 
         def timed_iter(particles: Any, templates: Any, **options: Any) -> Any:
@@ -133,8 +133,8 @@ class KernelMeter:
             meter.flops += pairs * (2.0 * shifts * 2 * coefficients * window + 2.0 * coefficients * window)
             return out
 
-        algorithm.iter_log_likelihoods = timed_iter
-        algorithm.Classifier2D._local_search = timed_local
+        search.iter_log_likelihoods = timed_iter
+        search.PoseSearch._local_search = timed_local
 
 
 def gt_projections(simulator: Any, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -232,8 +232,9 @@ def run_cryostack(args: argparse.Namespace, n_particles: int, n_classes: int, ca
                   online: int, final_full: int, with_quality: bool, label: str, snr: float = SNR) -> dict[str, Any]:
     """One classification run in this process: timings, kernel share, memory and (optionally) quality."""
     from cryostack.core.backend import default_xp, describe_backend  # noqa: PLC0415
-    from cryostack.services.classify2d.algorithm import Classifier2D, Classify2DParameters  # noqa: PLC0415
+    from cryostack.services.classify2d.algorithm import Classifier2D  # noqa: PLC0415
     from cryostack.services.classify2d.outputs import montage_png, sort_classes  # noqa: PLC0415
+    from cryostack.services.classify2d.parameters import Classify2DParameters  # noqa: PLC0415
 
     path, simulator = dataset(n_particles, snr)  # before the GPU is touched: the cache is written by forked processes
     xp = default_xp()
@@ -362,7 +363,8 @@ def oracle_averages(simulator: Any, groups: np.ndarray, n_classes: int) -> np.nd
 
 def run_oracle(args: argparse.Namespace, n_particles: int, n_classes: int) -> dict[str, Any]:
     """Classes from the truth, then the classifier's final full pass from their averages: the same metrics."""
-    from cryostack.services.classify2d.algorithm import Classifier2D, Classify2DParameters  # noqa: PLC0415
+    from cryostack.services.classify2d.algorithm import Classifier2D  # noqa: PLC0415
+    from cryostack.services.classify2d.parameters import Classify2DParameters  # noqa: PLC0415
 
     path, simulator = dataset(n_particles)
     groups = oracle_groups(simulator, n_classes)

@@ -14,17 +14,11 @@ from cryostack.core.metrics import adjusted_rand_index
 from cryostack.core.scoring import LogLikelihoodBlock
 from cryostack.core.sources import ArrayParticles
 from cryostack.errors import InvalidArgumentError
-from cryostack.services.classify2d import algorithm
-from cryostack.services.classify2d.algorithm import (
-    ClassificationResult,
-    ClassificationState,
-    Classifier2D,
-    Classify2DParameters,
-    _Alignment,
-    _fold_coarse_block,
-    half_plane_coefficients,
-    validate_parameters,
-)
+from cryostack.services.classify2d import algorithm, mstep
+from cryostack.services.classify2d.algorithm import Classifier2D
+from cryostack.services.classify2d.parameters import Classify2DParameters, validate_parameters
+from cryostack.services.classify2d.search import Alignment, fold_coarse_block, half_plane_coefficients
+from cryostack.services.classify2d.state import ClassificationResult, ClassificationState
 from cryostack.services.classify2d.evaluation import align_to_reference, aligned_frc
 
 FAST = {"max_resolution_a": 8.0, "online_em_iterations": 4, "batch_size_per_class": 100}
@@ -152,7 +146,7 @@ def test_soft_full_passes_keep_few_classes_per_particle_and_insert_as_if_they_ke
 
     every, every_occupancy = run(6)
     with caplog.at_level("INFO", logger=algorithm.__name__):
-        few, few_occupancy = run(algorithm.INSERT_CLASSES)
+        few, few_occupancy = run(mstep.INSERT_CLASSES)
 
     # The cap scales the crowded classes down until some particles belong elsewhere: those are scored again.
     assert ("soft full pass" in caplog.text) == (cap is not None)
@@ -163,7 +157,7 @@ def test_soft_full_passes_keep_few_classes_per_particle_and_insert_as_if_they_ke
     for occupancy in every_occupancy:
         assert occupancy.sum() == pytest.approx(300, rel=1e-9)
     for occupancy in few_occupancy:  # less what the left-out classes hold: under MIN_INSERT_WEIGHT of a particle
-        assert 300 * (1 - algorithm.MIN_INSERT_WEIGHT) <= occupancy.sum() <= 300 * (1 + 1e-9)
+        assert 300 * (1 - mstep.MIN_INSERT_WEIGHT) <= occupancy.sum() <= 300 * (1 + 1e-9)
     for occupancy in every_occupancy + few_occupancy:
         if cap is not None:
             assert np.all(occupancy <= cap + 1e-3)  # the capped E-step's tolerance, in particles
@@ -386,7 +380,7 @@ def test_coarse_blocks_fold_to_each_class_best_angle_and_shift(template_blocks: 
     for start, stop in template_blocks:
         block = LogLikelihoodBlock(particles=slice(0, n), templates=slice(start, stop),
                                    shift_terms=shift_terms[:, :, start:stop], offset=offset[:, start:stop])
-        _fold_coarse_block(block, r1, best_ll, best_angle, best_shift)
+        fold_coarse_block(block, r1, best_ll, best_angle, best_shift)
     per_class = values.reshape(n, n_shifts, k, r1)
     flat = per_class.transpose(0, 2, 3, 1).reshape(n, k, -1)  # (n, K, R1·S): angle-major, then shift
     expected = np.argmax(flat, axis=2)
@@ -400,9 +394,9 @@ def test_batch_alignments_gather_into_one_table_by_row_and_back() -> None:
     rng = np.random.default_rng(3)
     n, k, kc = 7, 4, 2
 
-    def part(rows: np.ndarray) -> _Alignment:
+    def part(rows: np.ndarray) -> Alignment:
         b = rows.size
-        return _Alignment(
+        return Alignment(
             class_ll=rows[:, None] + np.arange(k)[None, :] / 10.0, angle_deg=rng.random((b, k), dtype=np.float32),
             shift_px=rng.random((b, k, 2), dtype=np.float32), candidates=np.tile(np.arange(kc), (b, 1)),
             pose_angle_deg=None, pose_shift_px=None, pose_weight=None,
@@ -411,7 +405,7 @@ def test_batch_alignments_gather_into_one_table_by_row_and_back() -> None:
 
     batches = [np.array([4, 5, 6]), np.array([0, 1]), np.array([2, 3])]  # out of order: rows, not arrival, place them
     parts = [(rows, part(rows)) for rows in batches]
-    table = _Alignment.gather(iter(parts), n)
+    table = Alignment.gather(iter(parts), n)
 
     np.testing.assert_array_equal(table.class_ll[:, 0], np.arange(n))
     for rows, piece in parts:

@@ -15,7 +15,7 @@ import starfile
 
 from cryostack.io.mrc import decode_mrc
 from cryostack.io.star import ParticleTable, parse_star, star_bytes
-from cryostack.services.classify2d.algorithm import ClassificationResult, FinalAssignment
+from cryostack.services.classify2d.state import ClassificationResult, FinalAssignment
 from cryostack.services.classify2d.outputs import (
     class_averages_bytes,
     class_table,

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from cryostack.core.fsc import shell_frequencies_inv_a
 from cryostack.io.mrc import encode_mrc
 from cryostack.io.star import ParticleTable, star_bytes
-from cryostack.services.classify2d.algorithm import ClassificationResult
+from cryostack.services.classify2d.state import ClassificationResult
 
 CLASS_AVERAGES = "class_averages.mrcs"
 PARTICLES_STAR = "particles.star"

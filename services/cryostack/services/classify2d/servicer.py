@@ -23,14 +23,9 @@ from cryostack.runtime import JobContext, JobKind, JobRunner
 from cryostack.runtime.store import MANIFEST_FILE
 from cryostack.services.classify2d import outputs
 from cryostack.services.inputs import ParticleSet, check_class_count, load_particle_set
-from cryostack.services.classify2d.algorithm import (
-    PASS_BATCH,
-    ClassificationState,
-    Classifier2D,
-    Classify2DParameters,
-    IterationReport,
-    validate_parameters,
-)
+from cryostack.services.classify2d.algorithm import PASS_BATCH, Classifier2D
+from cryostack.services.classify2d.parameters import Classify2DParameters, validate_parameters
+from cryostack.services.classify2d.state import ClassificationState, IterationReport
 
 SERVICE_NAME = classify2d_pb2.DESCRIPTOR.services_by_name["Classify2DService"].full_name
 KIND_NAME = "classify2d"
