@@ -16,7 +16,12 @@ from cryostack.core.backend import to_host
 from cryostack.core.fourier import fft2_centered, ifft2_centered, phase_shift_2d
 from cryostack.core.fsc import HALF_MAP_THRESHOLD, frc_curves, resolution_at_threshold
 from cryostack.core.geometry import rotation_matrix_2d
-from cryostack.core.reconstruction import DEFAULT_TAU2_FUDGE_2D, Reconstructor2D, reconstruct_from_sums
+from cryostack.core.reconstruction import (
+    DEFAULT_TAU2_FUDGE_2D,
+    Reconstructor2D,
+    full_data_fsc,
+    reconstruct_from_sums,
+)
 from cryostack.services.classify2d.parameters import Classify2DParameters
 from cryostack.services.classify2d.search import Alignment, Batch, Coefficients, pair_ramps
 from cryostack.services.classify2d.state import ClassificationState
@@ -163,9 +168,9 @@ class MStep:
 
     def _wiener_averages(self, data: np.ndarray, weight: np.ndarray, frc: np.ndarray) -> np.ndarray:
         """Class averages (K, D, D) from both halves with τ² from the full-set FRC, 2·FRC / (1 + FRC)."""
-        full_frc = 2.0 * np.clip(frc, 0.0, None) / (1.0 + np.clip(frc, 0.0, None))
         averages = reconstruct_from_sums(
-            data.sum(axis=0), weight.sum(axis=0), self.box_px, 2, fsc=full_frc, tau2_fudge=DEFAULT_TAU2_FUDGE_2D
+            data.sum(axis=0), weight.sum(axis=0), self.box_px, 2,
+            fsc=full_data_fsc(frc), tau2_fudge=DEFAULT_TAU2_FUDGE_2D,
         )
         return averages * self.mask
 
