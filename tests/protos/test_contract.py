@@ -66,6 +66,8 @@ EXPECTED_PARAMETERS: dict[Descriptor, dict[str, tuple[int, str | None]]] = {
         "random_assignment_iterations": (T.TYPE_UINT32, "5"),
         "final_full_iterations": (T.TYPE_UINT32, "2"),
         "convergence_class_change_fraction": (T.TYPE_DOUBLE, "0.05"),
+        "max_online_iterations": (T.TYPE_UINT32, "50"),
+        "max_resolution_a": (T.TYPE_DOUBLE, None),
     },
     refine_pb2.HomogeneousRefinementParameters.DESCRIPTOR: {
         "initial_lowpass_resolution_a": (T.TYPE_DOUBLE, "30 Å"),
@@ -73,6 +75,8 @@ EXPECTED_PARAMETERS: dict[Descriptor, dict[str, tuple[int, str | None]]] = {
         "mask_dilation_a": (T.TYPE_DOUBLE, "3 Å"),
         "mask_soft_edge_width_a": (T.TYPE_DOUBLE, "3 Å"),
         "max_iterations": (T.TYPE_UINT32, None),
+        "global_iterations": (T.TYPE_UINT32, "2"),
+        "max_resolution_a": (T.TYPE_DOUBLE, None),
     },
     variability_pb2.VariabilityAnalysisParameters.DESCRIPTOR: {
         "component_count": (T.TYPE_UINT32, "3"),

@@ -94,6 +94,8 @@ class HeterogeneousRefinementParameters(_message.Message):
     RANDOM_ASSIGNMENT_ITERATIONS_FIELD_NUMBER: _builtins.int
     FINAL_FULL_ITERATIONS_FIELD_NUMBER: _builtins.int
     CONVERGENCE_CLASS_CHANGE_FRACTION_FIELD_NUMBER: _builtins.int
+    MAX_ONLINE_ITERATIONS_FIELD_NUMBER: _builtins.int
+    MAX_RESOLUTION_A_FIELD_NUMBER: _builtins.int
     batch_size_per_class: _builtins.int
     """Minibatch size per class in the online-EM iterations: each minibatch holds this many particles times K;
     at least 1. Default 1000 (cryoSPARC: 1000).
@@ -112,6 +114,14 @@ class HeterogeneousRefinementParameters(_message.Message):
     """Online-EM stops when the fraction of particles whose class changed in an iteration falls below this, in
     (0, 1). Default 0.05.
     """
+    max_online_iterations: _builtins.int
+    """Upper bound on the online-EM iterations, random-assignment ones included, for a run whose class changes never
+    fall below the criterion; at least random_assignment_iterations. Default 50.
+    """
+    max_resolution_a: _builtins.float
+    """Finest resolution the search may reach, in Å, at least the Nyquist limit (2 x pixel size); below it the
+    search follows the classes' half-map FSC. Unset: the Nyquist limit.
+    """
     def __init__(
         self,
         *,
@@ -120,10 +130,12 @@ class HeterogeneousRefinementParameters(_message.Message):
         random_assignment_iterations: _builtins.int | None = ...,
         final_full_iterations: _builtins.int | None = ...,
         convergence_class_change_fraction: _builtins.float | None = ...,
+        max_online_iterations: _builtins.int | None = ...,
+        max_resolution_a: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size_per_class", b"_batch_size_per_class", "_convergence_class_change_fraction", b"_convergence_class_change_fraction", "_final_full_iterations", b"_final_full_iterations", "_initial_resolution_a", b"_initial_resolution_a", "_random_assignment_iterations", b"_random_assignment_iterations", "batch_size_per_class", b"batch_size_per_class", "convergence_class_change_fraction", b"convergence_class_change_fraction", "final_full_iterations", b"final_full_iterations", "initial_resolution_a", b"initial_resolution_a", "random_assignment_iterations", b"random_assignment_iterations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size_per_class", b"_batch_size_per_class", "_convergence_class_change_fraction", b"_convergence_class_change_fraction", "_final_full_iterations", b"_final_full_iterations", "_initial_resolution_a", b"_initial_resolution_a", "_max_online_iterations", b"_max_online_iterations", "_max_resolution_a", b"_max_resolution_a", "_random_assignment_iterations", b"_random_assignment_iterations", "batch_size_per_class", b"batch_size_per_class", "convergence_class_change_fraction", b"convergence_class_change_fraction", "final_full_iterations", b"final_full_iterations", "initial_resolution_a", b"initial_resolution_a", "max_online_iterations", b"max_online_iterations", "max_resolution_a", b"max_resolution_a", "random_assignment_iterations", b"random_assignment_iterations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size_per_class", b"_batch_size_per_class", "_convergence_class_change_fraction", b"_convergence_class_change_fraction", "_final_full_iterations", b"_final_full_iterations", "_initial_resolution_a", b"_initial_resolution_a", "_random_assignment_iterations", b"_random_assignment_iterations", "batch_size_per_class", b"batch_size_per_class", "convergence_class_change_fraction", b"convergence_class_change_fraction", "final_full_iterations", b"final_full_iterations", "initial_resolution_a", b"initial_resolution_a", "random_assignment_iterations", b"random_assignment_iterations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size_per_class", b"_batch_size_per_class", "_convergence_class_change_fraction", b"_convergence_class_change_fraction", "_final_full_iterations", b"_final_full_iterations", "_initial_resolution_a", b"_initial_resolution_a", "_max_online_iterations", b"_max_online_iterations", "_max_resolution_a", b"_max_resolution_a", "_random_assignment_iterations", b"_random_assignment_iterations", "batch_size_per_class", b"batch_size_per_class", "convergence_class_change_fraction", b"convergence_class_change_fraction", "final_full_iterations", b"final_full_iterations", "initial_resolution_a", b"initial_resolution_a", "max_online_iterations", b"max_online_iterations", "max_resolution_a", b"max_resolution_a", "random_assignment_iterations", b"random_assignment_iterations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size_per_class: _TypeAlias = _typing.Literal["batch_size_per_class"]  # noqa: Y015
     _WhichOneofArgType__batch_size_per_class: _TypeAlias = _typing.Literal["_batch_size_per_class", b"_batch_size_per_class"]  # noqa: Y015
@@ -133,6 +145,10 @@ class HeterogeneousRefinementParameters(_message.Message):
     _WhichOneofArgType__final_full_iterations: _TypeAlias = _typing.Literal["_final_full_iterations", b"_final_full_iterations"]  # noqa: Y015
     _WhichOneofReturnType__initial_resolution_a: _TypeAlias = _typing.Literal["initial_resolution_a"]  # noqa: Y015
     _WhichOneofArgType__initial_resolution_a: _TypeAlias = _typing.Literal["_initial_resolution_a", b"_initial_resolution_a"]  # noqa: Y015
+    _WhichOneofReturnType__max_online_iterations: _TypeAlias = _typing.Literal["max_online_iterations"]  # noqa: Y015
+    _WhichOneofArgType__max_online_iterations: _TypeAlias = _typing.Literal["_max_online_iterations", b"_max_online_iterations"]  # noqa: Y015
+    _WhichOneofReturnType__max_resolution_a: _TypeAlias = _typing.Literal["max_resolution_a"]  # noqa: Y015
+    _WhichOneofArgType__max_resolution_a: _TypeAlias = _typing.Literal["_max_resolution_a", b"_max_resolution_a"]  # noqa: Y015
     _WhichOneofReturnType__random_assignment_iterations: _TypeAlias = _typing.Literal["random_assignment_iterations"]  # noqa: Y015
     _WhichOneofArgType__random_assignment_iterations: _TypeAlias = _typing.Literal["_random_assignment_iterations", b"_random_assignment_iterations"]  # noqa: Y015
     @_typing.overload
@@ -143,6 +159,10 @@ class HeterogeneousRefinementParameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__final_full_iterations) -> _WhichOneofReturnType__final_full_iterations | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__initial_resolution_a) -> _WhichOneofReturnType__initial_resolution_a | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_online_iterations) -> _WhichOneofReturnType__max_online_iterations | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_resolution_a) -> _WhichOneofReturnType__max_resolution_a | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__random_assignment_iterations) -> _WhichOneofReturnType__random_assignment_iterations | None: ...
 
@@ -215,6 +235,8 @@ class HomogeneousRefinementParameters(_message.Message):
     MASK_DILATION_A_FIELD_NUMBER: _builtins.int
     MASK_SOFT_EDGE_WIDTH_A_FIELD_NUMBER: _builtins.int
     MAX_ITERATIONS_FIELD_NUMBER: _builtins.int
+    GLOBAL_ITERATIONS_FIELD_NUMBER: _builtins.int
+    MAX_RESOLUTION_A_FIELD_NUMBER: _builtins.int
     initial_lowpass_resolution_a: _builtins.float
     """Resolution the starting volume is low-passed to, in Å, so that both half-sets start from the same
     featureless model. Default 30 Å (cryoSPARC: 30).
@@ -235,6 +257,14 @@ class HomogeneousRefinementParameters(_message.Message):
     """Upper bound on the number of refinement iterations, at least 1. Unset: iterate until the half-map FSC
     resolution stops improving, with no other bound (as cryoSPARC).
     """
+    global_iterations: _builtins.int
+    """Number of iterations with a global pose search before the local searches, at least 1 (the first iteration
+    is always global). Default 2.
+    """
+    max_resolution_a: _builtins.float
+    """Finest resolution the search may reach, in Å, at least the Nyquist limit (2 x pixel size); below it the
+    search follows the half-map FSC. Unset: the Nyquist limit.
+    """
     def __init__(
         self,
         *,
@@ -243,11 +273,15 @@ class HomogeneousRefinementParameters(_message.Message):
         mask_dilation_a: _builtins.float | None = ...,
         mask_soft_edge_width_a: _builtins.float | None = ...,
         max_iterations: _builtins.int | None = ...,
+        global_iterations: _builtins.int | None = ...,
+        max_resolution_a: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_initial_lowpass_resolution_a", b"_initial_lowpass_resolution_a", "_mask_dilation_a", b"_mask_dilation_a", "_mask_soft_edge_width_a", b"_mask_soft_edge_width_a", "_mask_threshold_fraction", b"_mask_threshold_fraction", "_max_iterations", b"_max_iterations", "initial_lowpass_resolution_a", b"initial_lowpass_resolution_a", "mask_dilation_a", b"mask_dilation_a", "mask_soft_edge_width_a", b"mask_soft_edge_width_a", "mask_threshold_fraction", b"mask_threshold_fraction", "max_iterations", b"max_iterations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_global_iterations", b"_global_iterations", "_initial_lowpass_resolution_a", b"_initial_lowpass_resolution_a", "_mask_dilation_a", b"_mask_dilation_a", "_mask_soft_edge_width_a", b"_mask_soft_edge_width_a", "_mask_threshold_fraction", b"_mask_threshold_fraction", "_max_iterations", b"_max_iterations", "_max_resolution_a", b"_max_resolution_a", "global_iterations", b"global_iterations", "initial_lowpass_resolution_a", b"initial_lowpass_resolution_a", "mask_dilation_a", b"mask_dilation_a", "mask_soft_edge_width_a", b"mask_soft_edge_width_a", "mask_threshold_fraction", b"mask_threshold_fraction", "max_iterations", b"max_iterations", "max_resolution_a", b"max_resolution_a"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_initial_lowpass_resolution_a", b"_initial_lowpass_resolution_a", "_mask_dilation_a", b"_mask_dilation_a", "_mask_soft_edge_width_a", b"_mask_soft_edge_width_a", "_mask_threshold_fraction", b"_mask_threshold_fraction", "_max_iterations", b"_max_iterations", "initial_lowpass_resolution_a", b"initial_lowpass_resolution_a", "mask_dilation_a", b"mask_dilation_a", "mask_soft_edge_width_a", b"mask_soft_edge_width_a", "mask_threshold_fraction", b"mask_threshold_fraction", "max_iterations", b"max_iterations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_global_iterations", b"_global_iterations", "_initial_lowpass_resolution_a", b"_initial_lowpass_resolution_a", "_mask_dilation_a", b"_mask_dilation_a", "_mask_soft_edge_width_a", b"_mask_soft_edge_width_a", "_mask_threshold_fraction", b"_mask_threshold_fraction", "_max_iterations", b"_max_iterations", "_max_resolution_a", b"_max_resolution_a", "global_iterations", b"global_iterations", "initial_lowpass_resolution_a", b"initial_lowpass_resolution_a", "mask_dilation_a", b"mask_dilation_a", "mask_soft_edge_width_a", b"mask_soft_edge_width_a", "mask_threshold_fraction", b"mask_threshold_fraction", "max_iterations", b"max_iterations", "max_resolution_a", b"max_resolution_a"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__global_iterations: _TypeAlias = _typing.Literal["global_iterations"]  # noqa: Y015
+    _WhichOneofArgType__global_iterations: _TypeAlias = _typing.Literal["_global_iterations", b"_global_iterations"]  # noqa: Y015
     _WhichOneofReturnType__initial_lowpass_resolution_a: _TypeAlias = _typing.Literal["initial_lowpass_resolution_a"]  # noqa: Y015
     _WhichOneofArgType__initial_lowpass_resolution_a: _TypeAlias = _typing.Literal["_initial_lowpass_resolution_a", b"_initial_lowpass_resolution_a"]  # noqa: Y015
     _WhichOneofReturnType__mask_dilation_a: _TypeAlias = _typing.Literal["mask_dilation_a"]  # noqa: Y015
@@ -258,6 +292,10 @@ class HomogeneousRefinementParameters(_message.Message):
     _WhichOneofArgType__mask_threshold_fraction: _TypeAlias = _typing.Literal["_mask_threshold_fraction", b"_mask_threshold_fraction"]  # noqa: Y015
     _WhichOneofReturnType__max_iterations: _TypeAlias = _typing.Literal["max_iterations"]  # noqa: Y015
     _WhichOneofArgType__max_iterations: _TypeAlias = _typing.Literal["_max_iterations", b"_max_iterations"]  # noqa: Y015
+    _WhichOneofReturnType__max_resolution_a: _TypeAlias = _typing.Literal["max_resolution_a"]  # noqa: Y015
+    _WhichOneofArgType__max_resolution_a: _TypeAlias = _typing.Literal["_max_resolution_a", b"_max_resolution_a"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__global_iterations) -> _WhichOneofReturnType__global_iterations | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__initial_lowpass_resolution_a) -> _WhichOneofReturnType__initial_lowpass_resolution_a | None: ...
     @_typing.overload
@@ -268,6 +306,8 @@ class HomogeneousRefinementParameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__mask_threshold_fraction) -> _WhichOneofReturnType__mask_threshold_fraction | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_iterations) -> _WhichOneofReturnType__max_iterations | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_resolution_a) -> _WhichOneofReturnType__max_resolution_a | None: ...
 
 Global___HomogeneousRefinementParameters: _TypeAlias = HomogeneousRefinementParameters  # noqa: Y015
 
@@ -401,7 +441,9 @@ class HomogeneousRefinementResult(_message.Message):
     mask_uri: _builtins.str
     """The automatic soft mask of the final iteration (MRC, values in [0, 1])."""
     fsc_csv_uri: _builtins.str
-    """`fsc.csv`: the half-map FSC per Fourier shell, unmasked and masked."""
+    """`fsc.csv`: the half-map FSC per Fourier shell, unmasked, masked, and masked corrected by phase
+    randomisation.
+    """
     report_png_uri: _builtins.str
     """PNG of the FSC curve and the map's central slices."""
     manifest_uri: _builtins.str
