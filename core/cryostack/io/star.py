@@ -18,6 +18,12 @@ Validation (on reading and before writing; :class:`~cryostack.errors.InvalidArgu
 - every particle's optics group exists; all optics groups share one box size (``rlnImageSize``);
 - image names of the form ``<index>@<path>`` with index ≥ 1.
 
+Image paths of a file in the store resolve against the STAR's own folder unless they are absolute ``s3://`` URIs.
+:func:`resolve_image_names` (and :meth:`ParticleTable.with_resolved_image_names`) rewrites every path to the
+absolute URI it stands for (keys validated, bucket allow-list applied), keeping ``index@`` as written: a table so
+rewritten resolves to the same images wherever its STAR is written, which is what lets one stage's output
+``particles.star`` be the next stage's input.
+
 ``rlnImageSize`` is optional in input files; :func:`read_star` fills it from the header of the first stack of each
 optics group that lacks it, so ``box_px`` is always available after reading from the store.
 
@@ -35,7 +41,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -48,7 +54,7 @@ from cryostack.core.ctf import CtfParameters
 from cryostack.errors import InvalidArgumentError, NotFoundError
 from cryostack.io.mrc import HEADER_BYTES, parse_header
 from cryostack.io.objectstore import ObjectInfo, ObjectStore, UriLike
-from cryostack.io.uri import S3Uri, resolve_reference
+from cryostack.io.uri import S3Uri, check_bucket_allowed, resolve_reference
 
 OPTICS_GROUP = "rlnOpticsGroup"
 IMAGE_NAME = "rlnImageName"
@@ -227,6 +233,12 @@ class ParticleTable:
             optics[name] = values
         return ParticleTable(optics, self.particles, self.source)
 
+    def with_resolved_image_names(self, folder: S3Uri, allowed_buckets: Iterable[str] = ()) -> ParticleTable:
+        """A new table whose image paths are the absolute ``s3://`` URIs they resolve to from `folder`."""
+        field_name = f"{self.source}:{IMAGE_NAME}"
+        names = resolve_image_names(self.particles[IMAGE_NAME], folder, allowed_buckets, field_name)
+        return self.with_columns({IMAGE_NAME: names})
+
     def take(self, indices: np.ndarray | list[int]) -> ParticleTable:
         """The particles at 0-based `indices` (in that order), with the full optics table."""
         selected = np.asarray(indices, dtype=np.int64)
@@ -311,6 +323,34 @@ def _from_relion30(particles: pd.DataFrame, source: str) -> tuple[pd.DataFrame, 
     particles = particles.drop(columns=optics_columns)
     particles[OPTICS_GROUP] = group_of
     return optics, particles
+
+
+def resolve_image_names(
+    names: Sequence[str] | pd.Series | np.ndarray,
+    folder: S3Uri,
+    allowed_buckets: Iterable[str] = (),
+    field_name: str = IMAGE_NAME,
+) -> np.ndarray:
+    """Image names ``index@path`` (N,) with each path replaced by the ``s3://`` URI it resolves to from `folder`.
+
+    `folder` is the folder relative paths are taken from (that of the STAR they were read from); absolute URIs stay
+    as they are. Every stack URI is validated (no ``..``, safe key) and its bucket checked against
+    `allowed_buckets` (empty: any); a failure is InvalidArgumentError naming `field_name`. The index text is kept as
+    written. Each distinct path is resolved once, so a million particles in a few stacks cost a few resolutions.
+    """
+    allowed = list(allowed_buckets)
+    resolved: dict[str, str] = {}  # stack path as written -> absolute URI
+    rewritten = np.empty(len(names), dtype=object)
+    for row, name in enumerate(map(str, names)):
+        index, at, path = name.strip().partition("@")
+        if not at or not (index.isascii() and index.isdigit()) or not path:
+            raise InvalidArgumentError(field_name, f"row {row}: {name[:120]!r} is not '<index>@<stack path>'")
+        absolute = resolved.get(path)
+        if absolute is None:
+            stack = check_bucket_allowed(resolve_reference(folder, path, field_name), allowed, field_name)
+            absolute = resolved[path] = str(stack)
+        rewritten[row] = f"{index}@{absolute}"
+    return rewritten
 
 
 def parse_star(text: bytes | str, source: str) -> ParticleTable:

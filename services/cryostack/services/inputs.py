@@ -1,6 +1,10 @@
 """The particle set a stage request selects: its STAR read from the store, the subset applied, the service's
 limits checked. Every stage's validation and job start go through here, so a bad set is refused the same way
-(INVALID_ARGUMENT naming the field, NOT_FOUND for a missing object) by every service."""
+(INVALID_ARGUMENT naming the field, NOT_FOUND for a missing object) by every service.
+
+The selected table's image names are made absolute (``index@s3://bucket/key``, resolved from the input STAR's
+folder, bucket allow-list applied), so the ``particles.star`` any stage writes from it under
+``<output_uri>/jobs/<job-id>/`` names the same images and is a valid input of the next stage as it is."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from cryostack.particles.v1 import particles_pb2
 class ParticleSet:
     """The particles a request selects, with the values every stage needs."""
 
-    table: ParticleTable  # the selected particles, in subset order
+    table: ParticleTable  # the selected particles, in subset order, image paths absolute s3:// URIs
     pixel_size_a: float
     box_px: int
 
@@ -44,6 +48,7 @@ def load_particle_set(
         table = table.take(_subset_rows(objects, subset, table))
     if len(table) == 0:
         raise InvalidArgumentError("particles_uri", "the particle set is empty")
+    table = table.with_resolved_image_names(star_uri.parent, objects.settings.allowed_buckets)
     pixel_sizes = np.unique(table.pixel_size_a)
     if pixel_sizes.size != 1:
         raise InvalidArgumentError("particles_uri", f"particles have {pixel_sizes.size} different pixel sizes")
