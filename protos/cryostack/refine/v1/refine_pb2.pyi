@@ -340,7 +340,9 @@ class HeterogeneousRefinementResult(_message.Message):
     iteration_count: _builtins.int
     """Number of EM iterations run, random-assignment and final full iterations included."""
     final_class_change_fraction: _builtins.float
-    """Fraction of particles whose class changed in the last online-EM iteration, in [0, 1]."""
+    """Fraction of the particles scored in the last iteration (a final full one) whose class changed since they were
+    last scored, in [0, 1].
+    """
     @_builtins.property
     def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefinedClass]:
         """One entry per class, in class-number order (the order of the request's volumes)."""
