@@ -17,7 +17,7 @@ from cryostack.core.simulate import ParticleSimulator, SimulationParameters, sce
 from cryostack.io.dataset import write_simulated_dataset
 from cryostack.io.mrc import read_mrc
 from cryostack.io.objectstore import ObjectStore
-from cryostack.io.star import ParticleTable, read_star, write_star
+from cryostack.io.star import ParticleTable, read_star, resolve_image_names, write_star
 from cryostack.jobs.v1 import jobs_pb2
 from cryostack.runtime import CryostackServer, JobRunner, JobStore, create_server
 from cryostack.runtime.client import JobClient, submit_method
@@ -253,9 +253,12 @@ def test_real_particle_sets_classify_and_keep_their_metadata(
     assert result.particle_count == n_particles and sum(counts) == n_particles and max(counts) <= cap
     output = read_star(object_store, result.particles_uri)
     written = {"rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnMaxValueProbDistribution"}
-    kept = [column for column in source.particles.columns if column not in written]
-    assert kept  # image names, CTF, coordinates, optics groups: as they came (STAR keeps 10 significant digits)
+    kept = [column for column in source.particles.columns if column not in written | {"rlnImageName"}]
+    assert kept  # CTF, coordinates, optics groups: as they came (STAR keeps 10 significant digits)
     pd.testing.assert_frame_equal(output.particles[kept], source.particles[kept], check_exact=False, rtol=1e-9)
+    # Image names now resolve from anywhere: the same sections of the same stacks, by absolute URI.
+    expected_names = resolve_image_names(source.particles["rlnImageName"], star_uri.parent())
+    np.testing.assert_array_equal(output.particles["rlnImageName"].to_numpy(), expected_names)
     pd.testing.assert_frame_equal(output.optics, source.optics, check_exact=False, rtol=1e-9)
     np.testing.assert_array_equal(np.bincount(output.column("rlnClassNumber").astype(int), minlength=3)[1:], counts)
     psi = output.column("rlnAnglePsi").astype(float)

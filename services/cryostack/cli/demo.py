@@ -169,11 +169,13 @@ def _summarise(
 
     from cryostack.core.metrics import class_occupancy, class_purity  # noqa: PLC0415
     from cryostack.io.dataset import GROUND_TRUTH_CSV, read_ground_truth_csv  # noqa: PLC0415
-    from cryostack.io.star import read_star  # noqa: PLC0415
+    from cryostack.io.star import read_star, resolve_image_names  # noqa: PLC0415
 
     truth = read_ground_truth_csv(store.get_bytes(dataset.join(GROUND_TRUTH_CSV)))
     classified = read_star(store, result.particles_uri).particles  # type: ignore[attr-defined]
-    domain_by_image = dict(zip(truth["image_name"], truth["domain_present"], strict=True))
+    # Output STARs name their images by absolute URI (so that they chain); the truth names them from its folder.
+    truth_names = resolve_image_names(truth["image_name"], dataset)
+    domain_by_image = dict(zip(truth_names, truth["domain_present"], strict=True))
     domain_present = np.array([domain_by_image[name] for name in classified["rlnImageName"]], dtype=np.int64)
     labels = classified["rlnClassNumber"].to_numpy(dtype=np.int64) - 1
     occupancy = class_occupancy(labels, args.classes)
