@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from cryostack.core.filters import lowpass
-from cryostack.core.fsc import fsc_curve, frc_curves, resolution_at_threshold, shell_frequencies_inv_a
+from cryostack.core.fourier import fft3_centered
+from cryostack.core.fsc import (
+    fsc_curve,
+    frc_curves,
+    mask_corrected_fsc,
+    phase_randomised,
+    resolution_at_threshold,
+    shell_frequencies_inv_a,
+)
+from cryostack.core.masks import soft_spherical_mask
 from cryostack.errors import InvalidArgumentError
 
 
@@ -65,3 +74,33 @@ def test_resolution_interpolates_the_crossing() -> None:
     assert resolution_at_threshold(np.ones(11), box, pixel_a) == pytest.approx(4.0)  # never crosses: Nyquist
     with pytest.raises(InvalidArgumentError):
         resolution_at_threshold(np.ones(5), box, pixel_a)
+
+
+def test_phase_randomised_map_keeps_its_amplitudes_and_low_shells_but_not_its_high_phases() -> None:
+    rng = np.random.default_rng(5)
+    volume = lowpass(rng.standard_normal((32, 32, 32)).astype(np.float32), 1.0, 2.5)
+    randomised = phase_randomised(volume, 6, np.random.default_rng(0))
+    curve = fsc_curve(volume, randomised)
+    np.testing.assert_allclose(curve[:6], 1.0, atol=1e-5)
+    assert np.abs(curve[8:13]).max() < 0.15
+    power = [np.abs(fft3_centered(v)) for v in (volume, randomised)]
+    np.testing.assert_allclose(power[1], power[0], rtol=1e-3, atol=1e-3 * float(power[0].max()))
+
+
+def test_mask_corrected_fsc_equals_the_masked_fsc_until_the_unmasked_fsc_falls_and_not_beyond() -> None:
+    # Two half maps share a signal up to shell 6 and carry independent noise beyond it.
+    rng = np.random.default_rng(6)
+    box = 32
+    signal = lowpass(rng.standard_normal((box, box, box)).astype(np.float32), 1.0, box / 6.0)
+    halves = [signal + 0.3 * rng.standard_normal((box, box, box)).astype(np.float32) for _ in range(2)]
+    mask = soft_spherical_mask(box, 8.0, 2.0)
+    unmasked, masked, corrected = mask_corrected_fsc(halves[0], halves[1], mask, np.random.default_rng(1))
+
+    np.testing.assert_allclose(unmasked, fsc_curve(halves[0], halves[1]), atol=1e-12)
+    np.testing.assert_allclose(masked, fsc_curve(halves[0] * mask, halves[1] * mask), atol=1e-12)
+    falls = int(np.flatnonzero(unmasked >= 0.8)[-1]) + 1
+    assert 4 <= falls <= 8
+    np.testing.assert_array_equal(corrected[:falls], masked[:falls])
+    assert not np.array_equal(corrected[falls:], masked[falls:])
+    # Beyond the fall the halves share nothing; the corrected curve stays near zero there.
+    assert np.abs(corrected[falls + 2 :]).mean() < 0.1

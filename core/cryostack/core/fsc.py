@@ -130,15 +130,16 @@ def phase_randomised(volume: Any, from_shell: int, rng: np.random.Generator) -> 
 def mask_corrected_fsc(half_a: Any, half_b: Any, mask: Any, rng: np.random.Generator) -> tuple[Any, Any, Any]:
     """Unmasked, masked and phase-randomisation-corrected masked FSC of two half maps (Chen et al. 2013).
 
-    Beyond the shell where the unmasked FSC first falls below :data:`RANDOMISE_BELOW_FSC`, both half maps' phases
+    Beyond the last shell where the unmasked FSC is at least :data:`RANDOMISE_BELOW_FSC`, both half maps' phases
     are randomised; the FSC of the masked randomised maps measures what the mask alone correlates, and the
     corrected FSC is ``(FSC_masked − FSC_random) / (1 − FSC_random)`` there (the masked FSC below). Returns three
     (D // 2 + 1,) float64 curves.
     """
     unmasked = to_host(fsc_curve(half_a, half_b)).astype(np.float64)
     masked = to_host(fsc_curve(half_a * mask, half_b * mask)).astype(np.float64)
-    falls = np.flatnonzero(unmasked[1:] < RANDOMISE_BELOW_FSC)
-    from_shell = int(falls[0]) + 1 if falls.size else unmasked.size
+    # The shell after the last one at or above the threshold: a dip in the first noisy shells is not the fall.
+    holds = np.flatnonzero(unmasked >= RANDOMISE_BELOW_FSC)
+    from_shell = int(holds[-1]) + 1 if holds.size else 1
     corrected = masked.copy()
     if from_shell < unmasked.size:
         random_a = phase_randomised(half_a, from_shell, rng)
