@@ -9,10 +9,12 @@ from scipy.spatial.transform import Rotation
 from cryostack.core.geometry import (
     euler_to_matrix,
     matrix_to_euler,
+    matrix_to_euler_deg,
     matrix_to_quaternion,
     quaternion_to_matrix,
     relion_origin_to_shift_px,
     rotation_matrix_2d,
+    shift_px_to_relion_origin,
     uniform_random_rotations,
 )
 from cryostack.errors import InvalidArgumentError
@@ -76,3 +78,17 @@ def test_uniform_rotations_have_zero_mean() -> None:
 def test_bad_shapes_raise(bad: np.ndarray) -> None:
     with pytest.raises(InvalidArgumentError):
         matrix_to_euler(bad)
+
+
+def test_relion_origins_and_image_shifts_convert_both_ways_and_stacked_euler_angles_rebuild_the_matrices() -> None:
+    rng = np.random.default_rng(9)
+    shifts = rng.normal(0.0, 3.0, (20, 2))
+    origins = shift_px_to_relion_origin(shifts, 1.5)
+    np.testing.assert_allclose(origins, -1.5 * shifts)
+    np.testing.assert_allclose(relion_origin_to_shift_px(origins, 1.5), shifts, atol=1e-12)
+    matrices = uniform_random_rotations(20, rng)
+    euler = matrix_to_euler_deg(matrices)
+    assert euler.shape == (20, 3)
+    np.testing.assert_allclose(euler_to_matrix(euler[:, 0], euler[:, 1], euler[:, 2]), matrices, atol=1e-9)
+    with pytest.raises(InvalidArgumentError):
+        shift_px_to_relion_origin(shifts, 0.0)

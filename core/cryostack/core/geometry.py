@@ -141,3 +141,18 @@ def relion_origin_to_shift_px(origin_xy_a: Any, pixel_size_a: float) -> Any:
         raise InvalidArgumentError("pixel_size_a", f"must be positive, got {pixel_size_a}")
     xp = array_module(origin_xy_a)
     return -xp.asarray(origin_xy_a, dtype=np.float64) / float(pixel_size_a)
+
+
+def shift_px_to_relion_origin(shift_px: Any, pixel_size_a: float) -> Any:
+    """``(rlnOriginXAngst, rlnOriginYAngst)`` (..., 2) float64 of image shifts (sx, sy) in pixels: the inverse of
+    :func:`relion_origin_to_shift_px`."""
+    if not pixel_size_a > 0:
+        raise InvalidArgumentError("pixel_size_a", f"must be positive, got {pixel_size_a}")
+    xp = array_module(shift_px)
+    return -xp.asarray(shift_px, dtype=np.float64) * float(pixel_size_a)
+
+
+def matrix_to_euler_deg(matrices: Any) -> Any:
+    """RELION ``(rot, tilt, psi)`` in degrees of rotation matrices (N, 3, 3), stacked as (N, 3) float64."""
+    xp = array_module(matrices)
+    return xp.stack(matrix_to_euler(matrices), axis=-1)

@@ -36,3 +36,11 @@ def seed_sequence(seed: int, purpose: int, iteration: int = 0) -> np.random.Seed
 def random_stream(seed: int, purpose: int, iteration: int = 0) -> np.random.Generator:
     """The generator of one purpose's stream at one iteration (see the module docstring)."""
     return np.random.default_rng(seed_sequence(seed, purpose, iteration))
+
+
+def floored_log_prior(class_mass: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Class log-priors (K,) from occupancies (K,), each prior at least ``min_fraction`` of uniform before
+    normalising, so that no class's prior can fall to zero and keep it empty."""
+    k_count = class_mass.shape[0]
+    prior = np.maximum(class_mass, min_fraction / k_count)
+    return np.log(prior / prior.sum())

@@ -72,9 +72,9 @@ import numpy as np
 from cryostack.core.backend import array_module, to_host
 from cryostack.core.fourier import fft3_centered, fourier_pad_3d, ifft3_centered, resolution_to_shell
 from cryostack.core.fsc import resolution_at_threshold
-from cryostack.core.geometry import matrix_to_euler, uniform_random_rotations
+from cryostack.core.geometry import matrix_to_euler_deg, shift_px_to_relion_origin, uniform_random_rotations
 from cryostack.core.masks import soft_spherical_mask
-from cryostack.core.numerics import log_sum_exp, seed_sequence, softmax
+from cryostack.core.numerics import floored_log_prior, log_sum_exp, seed_sequence, softmax
 from cryostack.core.poses import shift_step_px, so3_grid_matrices, so3_level_for_step
 from cryostack.core.projection import FourierAccumulator, Projector
 from cryostack.core.reconstruction import half_set_fsc_from_sums, wiener_from_half_sums
@@ -216,9 +216,7 @@ class AbinitioState:
     @property
     def log_prior(self) -> np.ndarray:
         """Class log-priors from the running occupancy, each at least a fraction of uniform: (K,)."""
-        k_count = self.class_mass.shape[0]
-        prior = np.maximum(self.class_mass, _MIN_PRIOR_FRACTION / k_count)
-        return np.log(prior / prior.sum())
+        return floored_log_prior(self.class_mass, _MIN_PRIOR_FRACTION)
 
     def to_bytes(self) -> bytes:
         """Serialise as ``.npz`` (no pickle)."""
@@ -277,13 +275,12 @@ class AbinitioResult:
     @property
     def euler_deg(self) -> np.ndarray:
         """RELION ``(rot, tilt, psi)`` in degrees of the best poses: (N, 3) float64."""
-        rot, tilt, psi = matrix_to_euler(self.rotations)
-        return np.stack([rot, tilt, psi], axis=1)
+        return matrix_to_euler_deg(self.rotations)
 
     @property
     def origin_xy_a(self) -> np.ndarray:
         """RELION 3.1 ``rlnOriginXAngst/YAngst`` of the best shifts: (N, 2) float64."""
-        return -self.shift_px.astype(np.float64) * self.pixel_size_a
+        return shift_px_to_relion_origin(self.shift_px, self.pixel_size_a)
 
 
 class AbinitioRun:

@@ -35,7 +35,7 @@ from types import ModuleType
 import numpy as np
 
 from cryostack.core.ctf import CtfParameters
-from cryostack.core.numerics import random_stream, softmax
+from cryostack.core.numerics import floored_log_prior, random_stream, softmax
 from cryostack.core.reconstruction import half_set_fsc_from_sums, reconstruct_from_sums, wiener_from_half_sums
 from cryostack.core.search import ClassPosteriors, PoseSearch
 from cryostack.core.sources import ParticleSource
@@ -102,9 +102,7 @@ class _State:
     @property
     def log_prior(self) -> np.ndarray:
         """Class log-priors from the running occupancy, each at least a fraction of uniform: (K,)."""
-        k_count = self.class_mass.shape[0]
-        prior = np.maximum(self.class_mass, _MIN_PRIOR_FRACTION / k_count)
-        return np.log(prior / prior.sum())
+        return floored_log_prior(self.class_mass, _MIN_PRIOR_FRACTION)
 
 
 class HeterogeneousRefinement:

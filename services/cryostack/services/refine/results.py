@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cryostack.core.geometry import matrix_to_euler
+from cryostack.core.geometry import matrix_to_euler_deg, shift_px_to_relion_origin
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,12 @@ class _PerParticle:
     @property
     def euler_deg(self) -> np.ndarray:
         """RELION ``(rot, tilt, psi)`` in degrees of the best poses: (N, 3) float64."""
-        rot, tilt, psi = matrix_to_euler(self.rotations)
-        return np.stack([rot, tilt, psi], axis=1)
+        return matrix_to_euler_deg(self.rotations)
 
     @property
     def origin_xy_a(self) -> np.ndarray:
         """RELION 3.1 ``rlnOriginXAngst/YAngst`` of the best shifts: (N, 2) float64."""
-        return -self.shift_px.astype(np.float64) * self.pixel_size_a
+        return shift_px_to_relion_origin(self.shift_px, self.pixel_size_a)
 
 
 @dataclass(frozen=True)
