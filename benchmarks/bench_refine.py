@@ -10,8 +10,9 @@ back in batches, as a job streams them from the store):
   against the truth).
 - ``hetero_k3``: the ``three-state`` scenario, K = 3 from ``--start``: ``truth`` (each state's true map low-passed
   to 30 Å) or ``abinitio`` (the maps of an ab-initio K = 3 run on the same particles, ``--abinitio-iterations``):
-  ARI against the true state, per class the FSC-0.5 resolution against each true map; the oracle: each state
-  reconstructed from its particles at their true poses.
+  ARI against the true state, per class the FSC-0.5 resolution against each true map; the oracles: each state
+  reconstructed from its particles at their true poses, and the ARI of the Bayes decision between the true maps
+  at each particle's true pose and shift.
 - ``hetero_k6``: the same with K = 6 ab-initio maps (or truth maps twice): ARI after merging classes by their
   best-matching state, and whether every state is some class's best match.
 - ``large_homo``: ``--large-particles`` (100k), homogeneous refinement bounded to ``--large-iterations``
@@ -111,6 +112,32 @@ def _oracle_map(images: StackFile, simulator: Any, rows: np.ndarray) -> np.ndarr
         images_ft = phase_shift_2d(fft2_centered(images.read(chunk)), -shifts)
         reconstructor.insert(images_ft, truth.rotations(chunk), half[chunk], ctf.take(chunk).at(fy, fx))
     return np.asarray(reconstructor.reconstruct().merged)
+
+
+def _known_pose_ari(images: StackFile, simulator: Any, maps: list[np.ndarray]) -> float:
+    """ARI of the Bayes decision between the true maps at each particle's true pose and shift (white noise): what
+    a classifier that knew every pose and the maps could reach."""
+    from cryostack.core.fourier import fft2_centered, phase_shift_2d  # noqa: PLC0415
+    from cryostack.core.geometry import relion_origin_to_shift_px  # noqa: PLC0415
+    from cryostack.core.metrics import adjusted_rand_index  # noqa: PLC0415
+    from cryostack.core.projection import Projector  # noqa: PLC0415
+
+    truth = simulator.ground_truth
+    ctf = ctf_of(simulator)
+    projectors = [Projector(m) for m in maps]
+    fy, fx = np.meshgrid(*(2 * [(np.arange(BOX_PX) - BOX_PX // 2) / (BOX_PX * PIXEL_SIZE_A)]), indexing="ij")
+    decided = np.empty(len(truth), dtype=np.int64)
+    for start in range(0, len(truth), 1000):
+        rows = np.arange(start, min(start + 1000, len(truth)))
+        shifts = relion_origin_to_shift_px(np.stack([truth.origin_x_a[rows], truth.origin_y_a[rows]], 1),
+                                           PIXEL_SIZE_A)
+        data = fft2_centered(images.read(rows))
+        c = ctf.take(rows).at(fy, fx)
+        rotations = truth.rotations(rows)
+        distance = [np.sum(np.abs(data - phase_shift_2d(c * p.project(rotations), shifts)) ** 2, axis=(1, 2))
+                    for p in projectors]
+        decided[rows] = np.argmin(np.stack(distance, axis=1), axis=1)
+    return adjusted_rand_index(truth.state, decided)
 
 
 def run_homo(spec: dict[str, Any]) -> dict[str, Any]:
@@ -239,6 +266,7 @@ def run_hetero(spec: dict[str, Any]) -> dict[str, Any]:
         "class_vs_state_fsc_0.5_a": class_vs_state, "best_state_of_class": best_state,
         "every_state_matched": sorted(set(best_state)) == list(range(len(maps))),
         "oracle_state_fsc_0.5_a": oracle,
+        "known_pose_ari": _known_pose_ari(images, simulator, maps),
     }
     record["kernel_over_sgemm"] = round(record["kernel_gflops"] / sgemm, 3)
     return record

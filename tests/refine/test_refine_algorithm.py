@@ -199,3 +199,20 @@ def test_refinements_on_the_gpu_match_the_same_runs_on_the_cpu(three_states, sin
     assert np.corrcoef(device_homo.map.ravel(), host_homo.map.ravel())[0, 1] >= 0.999
     assert rotation_error(device_homo.rotations, host_homo.rotations).median_deg <= 1.0
     assert abs(device_homo.resolution_a - host_homo.resolution_a) <= 0.05 * host_homo.resolution_a
+
+
+def test_a_split_the_particles_carry_is_kept_and_a_bad_one_is_refused(single) -> None:
+    n = single.images.shape[0]
+    given = (np.arange(n) % 2).astype(np.int64)
+    run = HomogeneousRefinement(ArrayParticles(single.images), single.ctf, single.maps[0], PIXEL_A,
+                                HomoParameters(max_iterations=1), seed=3, half_set=given)
+    np.testing.assert_array_equal(run.half_set, given)
+    result, _ = _run(run)
+    np.testing.assert_array_equal(result.half_set, given)
+    drawn = HomogeneousRefinement(ArrayParticles(single.images), single.ctf, single.maps[0], PIXEL_A,
+                                  HomoParameters(max_iterations=1), seed=3)
+    assert not np.array_equal(drawn.half_set, given) and set(np.unique(drawn.half_set)) == {0, 1}
+    with pytest.raises(InvalidArgumentError) as raised:
+        HomogeneousRefinement(ArrayParticles(single.images), single.ctf, single.maps[0], PIXEL_A, HomoParameters(),
+                              seed=3, half_set=given + 1)
+    assert raised.value.field == "half_set"

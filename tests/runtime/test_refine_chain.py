@@ -143,6 +143,9 @@ def test_abinitio_classes_are_refined_heterogeneously_then_the_two_largest_homog
     for column in POSE_COLUMNS:
         assert np.all(np.isfinite(homo_table.column(column).astype(float))), column
     assert set(homo_table.column("rlnRandomSubset").astype(int).tolist()) == {1, 2}
+    # The gold-standard split made by the hetero job is kept, so the halves stay independent across the jobs.
+    np.testing.assert_array_equal(homo_table.column("rlnRandomSubset").astype(int),
+                                  hetero_table.column("rlnRandomSubset").astype(int)[rows])
     assert homo_particles["rlnImageName"].tolist() == [input_names[row] for row in rows]
     np.testing.assert_array_equal(_images(object_store, refined.particles_uri), input_images[rows])
 

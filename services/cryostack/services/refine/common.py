@@ -31,6 +31,7 @@ from cryostack.core.fsc import resolution_at_threshold
 from cryostack.core.poses import shift_step_px, so3_level_for_step
 from cryostack.core.sources import ParticleSource
 from cryostack.core.spectra import ParticleBatch, SpectralLayout, fill_empty_shells, transform_batch
+from cryostack.errors import InvalidArgumentError
 
 # Fraction of the box diameter the particle is assumed to span when sizing the angular sampling.
 PARTICLE_DIAMETER_FRACTION = 0.6
@@ -88,6 +89,16 @@ def iter_pass(particles: ParticleSource, layout: SpectralLayout, ctf: CtfParamet
     for rows, images in particles.iter_batches(np.arange(len(particles)), batch_size):
         rows = np.asarray(rows)
         yield rows, transform_batch(images, layout, ctf.take(rows), half_set[rows], xp)
+
+
+def half_sets(given: np.ndarray | None, n_particles: int, rng: np.random.Generator) -> np.ndarray:
+    """Half-set labels (N,) int64 0 or 1: ``given`` when the particles carry a split, else a draw from ``rng``."""
+    if given is None:
+        return rng.integers(0, 2, n_particles)
+    labels = np.asarray(given, dtype=np.int64)
+    if labels.shape != (n_particles,) or not np.all((labels == 0) | (labels == 1)):
+        raise InvalidArgumentError("half_set", f"expected {n_particles} labels, each 0 or 1")
+    return labels
 
 
 def sub_batch(batch: ParticleBatch, members: np.ndarray, xp: ModuleType) -> ParticleBatch:

@@ -109,8 +109,12 @@ class HeterogeneousRefinement:
     """One heterogeneous refinement: :meth:`step` until :attr:`done`, then :meth:`finish`."""
 
     def __init__(self, particles: ParticleSource, ctf: CtfParameters, volumes: np.ndarray, pixel_size_a: float,
-                 params: HeteroParameters, seed: int, state: bytes | None = None, xp: ModuleType = np) -> None:
-        """Start a run from ``volumes`` (K, D, D, D), or continue one from ``state`` (a checkpoint's bytes)."""
+                 params: HeteroParameters, seed: int, state: bytes | None = None, xp: ModuleType = np, *,
+                 half_set: np.ndarray | None = None) -> None:
+        """Start a run from ``volumes`` (K, D, D, D), or continue one from ``state`` (a checkpoint's bytes).
+
+        ``half_set`` (N,) 0 or 1 keeps a split the particles already have; without it one is drawn from the seed.
+        """
         n_particles, box = len(particles), int(particles.box_px)
         volumes = np.asarray(volumes, dtype=np.float32)
         if volumes.ndim != 4 or volumes.shape[1:] != (box,) * 3:
@@ -121,7 +125,7 @@ class HeterogeneousRefinement:
         self.finest_a = params.max_resolution_a or 2.0 * pixel_size_a
         self.layout = SpectralLayout.for_resolution(box, pixel_size_a, self.finest_a)
         self.search = PoseSearch(self.layout, xp)
-        self.half_set = random_stream(self.seed, _STREAM_HALVES).integers(0, 2, n_particles)  # (N,) 0 or 1
+        self.half_set = common.half_sets(half_set, n_particles, random_stream(self.seed, _STREAM_HALVES))
         self.minibatch = min(n_particles, params.batch_size_per_class * self.class_count)
         if state is None:
             self.state = self._initial_state()

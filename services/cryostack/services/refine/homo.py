@@ -1,6 +1,7 @@
 """Homogeneous (gold-standard) refinement of one structure (SPEC §5.3).
 
-Gold standard. The particles are split once into two half-sets (a seeded draw, ``rlnRandomSubset``); each half is
+Gold standard. The particles are split once into two half-sets (``rlnRandomSubset``: the split the input carries,
+or a seeded draw); each half is
 aligned only to its own half map and reconstructed from its own particles, so the FSC between the two halves is
 an honest resolution estimate. Both halves start from the input volume low-passed to
 ``initial_lowpass_resolution_a``.
@@ -93,8 +94,12 @@ class HomogeneousRefinement:
     """One gold-standard refinement: :meth:`step` until :attr:`done`, then :meth:`finish`."""
 
     def __init__(self, particles: ParticleSource, ctf: CtfParameters, volume: np.ndarray, pixel_size_a: float,
-                 params: HomoParameters, seed: int, state: bytes | None = None, xp: ModuleType = np) -> None:
-        """Start from ``volume`` (D, D, D), or continue from ``state`` (a checkpoint's bytes)."""
+                 params: HomoParameters, seed: int, state: bytes | None = None, xp: ModuleType = np, *,
+                 half_set: np.ndarray | None = None) -> None:
+        """Start from ``volume`` (D, D, D), or continue from ``state`` (a checkpoint's bytes).
+
+        ``half_set`` (N,) 0 or 1 keeps a split the particles already have; without it one is drawn from the seed.
+        """
         n_particles, box = len(particles), int(particles.box_px)
         volume = np.asarray(volume, dtype=np.float32)
         if volume.shape != (box,) * 3:
@@ -104,7 +109,7 @@ class HomogeneousRefinement:
         self.finest_a = params.max_resolution_a or 2.0 * pixel_size_a
         self.layout = SpectralLayout.for_resolution(box, pixel_size_a, self.finest_a)
         self.search = PoseSearch(self.layout, xp)
-        self.half_set = random_stream(self.seed, _STREAM_HALVES).integers(0, 2, n_particles)  # (N,) 0 or 1
+        self.half_set = common.half_sets(half_set, n_particles, random_stream(self.seed, _STREAM_HALVES))
         if state is None:
             self.state = self._initial_state()
             start = common.working_volume(volume, self.layout, params.initial_lowpass_resolution_a, xp)

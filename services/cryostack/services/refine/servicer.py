@@ -189,7 +189,8 @@ class RefineJobs:
             reader = ParticleStackReader(self.objects, selected.table, request.particles_uri, batch_size=READ_BATCH)
             saved = context.load_checkpoint(CHECKPOINT)
             refinement = HeterogeneousRefinement(reader, selected.table.ctf_parameters(), volumes,
-                                                 selected.pixel_size_a, params, context.seed, saved, default_xp())
+                                                 selected.pixel_size_a, params, context.seed, saved, default_xp(),
+                                                 half_set=given_half_sets(selected))
             context.report_progress(stage="hetero", message="resuming" if saved is not None else
                                     f"refining {volumes.shape[0]} classes over {n_particles} particles")
             work = HeteroWork(params, n_particles, volumes.shape[0])
@@ -240,7 +241,8 @@ class RefineJobs:
             reader = ParticleStackReader(self.objects, selected.table, request.particles_uri, batch_size=READ_BATCH)
             saved = context.load_checkpoint(CHECKPOINT)
             refinement = HomogeneousRefinement(reader, selected.table.ctf_parameters(), volume,
-                                               selected.pixel_size_a, params, context.seed, saved, default_xp())
+                                               selected.pixel_size_a, params, context.seed, saved, default_xp(),
+                                               half_set=given_half_sets(selected))
             context.report_progress(stage="homo", message="resuming" if saved is not None else
                                     f"refining one structure over {n_particles} particles")
             planned = params.max_iterations or 0
@@ -365,6 +367,20 @@ def _summary(report: RefineIterationReport) -> dict[str, float]:
         if np.isfinite(resolution):
             summary[f"class_{number}_half_map_resolution_a"] = float(resolution)
     return summary
+
+
+def given_half_sets(selected: ParticleSet) -> np.ndarray | None:
+    """The split (N,) 0 or 1 the input carries in ``rlnRandomSubset`` (1 or 2, both present), or None.
+
+    A gold-standard split made upstream (e.g. by a refinement whose particles are refined again) is kept, so the
+    halves stay independent across jobs; a set without one, or with other values, gets a fresh seeded split.
+    """
+    if "rlnRandomSubset" not in selected.table.particles.columns:
+        return None
+    labels = np.asarray(selected.table.particles["rlnRandomSubset"], dtype=np.float64)
+    if not np.all(np.isin(labels, (1.0, 2.0))) or np.unique(labels).size != 2:
+        return None
+    return labels.astype(np.int64) - 1
 
 
 class RefineServicer(refine_pb2_grpc.RefineServiceServicer):
