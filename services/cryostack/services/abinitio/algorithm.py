@@ -81,7 +81,7 @@ from cryostack.core.reconstruction import half_set_fsc_from_sums, wiener_from_ha
 from cryostack.core.scoring import log_likelihoods
 from cryostack.core.search import ClassPosteriors, PoseSearch, shift_lattice
 from cryostack.core.spectra import TAPER_SHELLS, ParticleBatch, ParticleSpectra
-from cryostack.errors import InvalidArgumentError
+from cryostack.services.checks import finite_positive, nyquist_check, raise_first
 
 # Streams of the job's seed, one per purpose, so that draws for one purpose never shift another's.
 _STREAM_INIT = 1
@@ -146,8 +146,8 @@ class AbinitioParameters:
                 self.minibatch_size_final >= self.minibatch_size_initial,
                 f"{self.minibatch_size_final} is below minibatch_size_initial {self.minibatch_size_initial}",
             ),
-            ("initial_resolution_a", _finite_positive(self.initial_resolution_a), "must be positive"),
-            ("max_resolution_a", _finite_positive(self.max_resolution_a), "must be positive"),
+            ("initial_resolution_a", finite_positive(self.initial_resolution_a), "must be positive"),
+            ("max_resolution_a", finite_positive(self.max_resolution_a), "must be positive"),
             (
                 "initial_resolution_a",
                 self.initial_resolution_a >= self.max_resolution_a,
@@ -155,7 +155,7 @@ class AbinitioParameters:
             ),
             (
                 "learning_rate_initial",
-                _finite_positive(self.learning_rate_initial) and self.learning_rate_initial <= 1,
+                finite_positive(self.learning_rate_initial) and self.learning_rate_initial <= 1,
                 f"must lie in (0, 1], got {self.learning_rate_initial:g}",
             ),
             ("class_similarity_initial", 0 <= self.class_similarity_initial <= 1, "must lie in [0, 1]"),
@@ -173,27 +173,14 @@ class AbinitioParameters:
                 "must be non-negative",
             ),
         ]
-        if pixel_size_a is not None:
-            nyquist_a = 2.0 * pixel_size_a
-            checks.append((
-                "max_resolution_a",
-                self.max_resolution_a >= nyquist_a * (1 - 1e-9),
-                f"{self.max_resolution_a:g} Å is finer than the Nyquist limit {nyquist_a:g} Å "
-                f"(pixel size {pixel_size_a:g} Å)",
-            ))
+        checks += nyquist_check("max_resolution_a", self.max_resolution_a, pixel_size_a)
         if n_particles is not None:
             checks.append((
                 "class_count",
                 self.class_count <= n_particles,
                 f"{self.class_count} classes for {n_particles} particles",
             ))
-        for name, ok, reason in checks:
-            if not ok:
-                raise InvalidArgumentError(name, reason)
-
-
-def _finite_positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
+        raise_first(checks)
 
 
 @dataclass

@@ -9,25 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cryostack.errors import InvalidArgumentError
-
-
-def _finite_positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
-
-
-def _raise_first(checks: list[tuple[str, bool, str]]) -> None:
-    for name, ok, reason in checks:
-        if not ok:
-            raise InvalidArgumentError(name, reason)
-
-
-def _nyquist_check(name: str, resolution_a: float, pixel_size_a: float | None) -> list[tuple[str, bool, str]]:
-    if pixel_size_a is None:
-        return []
-    nyquist_a = 2.0 * pixel_size_a
-    return [(name, resolution_a >= nyquist_a * (1 - 1e-9),
-             f"{resolution_a:g} Å is finer than the Nyquist limit {nyquist_a:g} Å (pixel size {pixel_size_a:g} Å)")]
+from cryostack.services.checks import Check, finite_positive, nyquist_check, raise_first
 
 
 @dataclass(frozen=True)
@@ -47,27 +29,27 @@ class HeteroParameters:
     def check(self, n_particles: int | None = None, pixel_size_a: float | None = None,
               class_count: int | None = None) -> None:
         """Raise :class:`InvalidArgumentError` naming the first out-of-range parameter."""
-        checks: list[tuple[str, bool, str]] = [
+        checks: list[Check] = [
             ("batch_size_per_class", self.batch_size_per_class >= 1, "must be at least 1"),
-            ("initial_resolution_a", _finite_positive(self.initial_resolution_a), "must be positive"),
+            ("initial_resolution_a", finite_positive(self.initial_resolution_a), "must be positive"),
             ("random_assignment_iterations", self.random_assignment_iterations >= 0, "must be non-negative"),
             ("final_full_iterations", self.final_full_iterations >= 1, "must be at least 1"),
             ("convergence_class_change_fraction", 0 < self.convergence_class_change_fraction < 1,
              f"must lie in (0, 1), got {self.convergence_class_change_fraction:g}"),
             ("max_online_iterations", self.max_online_iterations >= self.random_assignment_iterations,
              "must be at least random_assignment_iterations"),
-            ("max_resolution_a", self.max_resolution_a is None or _finite_positive(self.max_resolution_a),
+            ("max_resolution_a", self.max_resolution_a is None or finite_positive(self.max_resolution_a),
              "must be positive"),
         ]
-        checks += _nyquist_check("initial_resolution_a", self.initial_resolution_a, pixel_size_a)
+        checks += nyquist_check("initial_resolution_a", self.initial_resolution_a, pixel_size_a)
         if self.max_resolution_a is not None:
-            checks += _nyquist_check("max_resolution_a", self.max_resolution_a, pixel_size_a)
+            checks += nyquist_check("max_resolution_a", self.max_resolution_a, pixel_size_a)
         if class_count is not None:
             checks.append(("volume_uris", class_count >= 1, "at least one volume is required"))
             if n_particles is not None:
                 checks.append(("volume_uris", class_count <= n_particles,
                                f"{class_count} classes for {n_particles} particles"))
-        _raise_first(checks)
+        raise_first(checks)
 
 
 @dataclass(frozen=True)
@@ -86,8 +68,8 @@ class HomoParameters:
 
     def check(self, n_particles: int | None = None, pixel_size_a: float | None = None) -> None:
         """Raise :class:`InvalidArgumentError` naming the first out-of-range parameter."""
-        checks: list[tuple[str, bool, str]] = [
-            ("initial_lowpass_resolution_a", _finite_positive(self.initial_lowpass_resolution_a), "must be positive"),
+        checks: list[Check] = [
+            ("initial_lowpass_resolution_a", finite_positive(self.initial_lowpass_resolution_a), "must be positive"),
             ("mask_threshold_fraction", 0 < self.mask_threshold_fraction < 1,
              f"must lie in (0, 1), got {self.mask_threshold_fraction:g}"),
             ("mask_dilation_a", math.isfinite(self.mask_dilation_a) and self.mask_dilation_a >= 0,
@@ -96,12 +78,12 @@ class HomoParameters:
              "must be non-negative"),
             ("max_iterations", self.max_iterations is None or self.max_iterations >= 1, "must be at least 1"),
             ("global_iterations", self.global_iterations >= 1, "must be at least 1"),
-            ("max_resolution_a", self.max_resolution_a is None or _finite_positive(self.max_resolution_a),
+            ("max_resolution_a", self.max_resolution_a is None or finite_positive(self.max_resolution_a),
              "must be positive"),
         ]
-        checks += _nyquist_check("initial_lowpass_resolution_a", self.initial_lowpass_resolution_a, pixel_size_a)
+        checks += nyquist_check("initial_lowpass_resolution_a", self.initial_lowpass_resolution_a, pixel_size_a)
         if self.max_resolution_a is not None:
-            checks += _nyquist_check("max_resolution_a", self.max_resolution_a, pixel_size_a)
+            checks += nyquist_check("max_resolution_a", self.max_resolution_a, pixel_size_a)
         if n_particles is not None:
             checks.append(("particles_uri", n_particles >= 2, "gold-standard refinement needs at least 2 particles"))
-        _raise_first(checks)
+        raise_first(checks)
