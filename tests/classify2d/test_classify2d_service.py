@@ -257,7 +257,7 @@ def test_real_particle_sets_classify_and_keep_their_metadata(
     assert kept  # CTF, coordinates, optics groups: as they came (STAR keeps 10 significant digits)
     pd.testing.assert_frame_equal(output.particles[kept], source.particles[kept], check_exact=False, rtol=1e-9)
     # Image names now resolve from anywhere: the same sections of the same stacks, by absolute URI.
-    expected_names = resolve_image_names(source.particles["rlnImageName"], star_uri.parent())
+    expected_names = resolve_image_names(source.particles["rlnImageName"], star_uri.parent)
     np.testing.assert_array_equal(output.particles["rlnImageName"].to_numpy(), expected_names)
     pd.testing.assert_frame_equal(output.optics, source.optics, check_exact=False, rtol=1e-9)
     np.testing.assert_array_equal(np.bincount(output.column("rlnClassNumber").astype(int), minlength=3)[1:], counts)

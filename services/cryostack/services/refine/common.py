@@ -42,7 +42,8 @@ MIN_GLOBAL_LEVEL = 1
 MAX_GLOBAL_LEVEL = 2
 # Shells searched beyond the FSC-0.143 resolution of the current maps, so the next iteration can improve on it.
 RESOLUTION_MARGIN_SHELLS = 2.0
-# Finest steps of a local search.
+# Reach of a local search, in steps either way, and its finest steps.
+LOCAL_STEPS = 2.0
 MIN_ANGULAR_STEP_DEG = 0.5
 MIN_SHIFT_STEP_PX = 0.1
 # Images per streamed batch of a full pass.

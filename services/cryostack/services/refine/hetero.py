@@ -12,9 +12,11 @@ moves running per-class half-set sums ``Σ w·CTF·X/σ²``, ``Σ w·CTF²/σ²`
 ``random_assignment_iterations`` each particle goes to a random class and is aligned to that class only, so every
 class starts from a mixture and none can take all particles at once. Online EM ends when the share of particles
 whose class changed since they were last scored falls below ``convergence_class_change_fraction`` (or after
-``max_online_iterations``); then ``final_full_iterations`` passes over all particles rebuild the sums from scratch,
-the last with the search refined one grid level deeper. Class volumes are the Wiener/MAP reconstruction of each
-class's sums with the FSC of its half-sets (``rlnRandomSubset``, a fixed seeded split).
+``max_online_iterations``); then ``final_full_iterations`` passes over all particles rebuild the sums from scratch:
+the first with the global search refined one grid level deeper, the next ones with a local search around each
+particle's best pose whose steps halve at every pass (:func:`cryostack.services.refine.common.local_steps`).
+Class volumes are the Wiener/MAP reconstruction of each class's sums with the FSC of its half-sets
+(``rlnRandomSubset``: the split the input carries, or a fixed seeded one).
 
 Resolution. The search scores the coefficients inside the resolution the largest class's half maps support
 (FSC 0.143) plus a margin, never coarser than ``initial_resolution_a`` nor finer than ``max_resolution_a``.
@@ -190,11 +192,13 @@ class HeterogeneousRefinement:
 
     # ----------------------------------------------------------------------------------------------- E-step
 
-    def _score(self, batch: ParticleBatch, only_class: np.ndarray | None, refine: bool
+    def _score(self, rows: np.ndarray, batch: ParticleBatch, only_class: np.ndarray | None, search: str
                ) -> tuple[list[ClassPosteriors | None], np.ndarray]:
-        """Each class's posteriors of a batch of one half-set, and the class posteriors (n, K).
+        """Each class's posteriors of the batch of particles ``rows``, and the class posteriors (n, K).
 
-        With ``only_class`` (n,) each particle is scored against that class only (random assignment).
+        ``search`` is ``global``, ``refine`` (global, one grid level deeper) or ``local`` (around each particle's
+        last best pose, with steps that halve at every full iteration). With ``only_class`` (n,) each particle is
+        scored against that class only (random assignment).
         """
         n, k_count = batch.n_particles, self.class_count
         level = common.global_level(self.layout, self.state.resolution_a)
@@ -207,8 +211,15 @@ class HeterogeneousRefinement:
                 searches.append(None)
                 continue
             sub = batch if only_class is None else common.sub_batch(batch, members, self.xp)
-            post = self.search.global_search(sub, self._volumes[k], self.state.noise_power,
-                                             self.state.resolution_a, level, shift, refine=refine)
+            if search == "local":
+                angular, step = common.local_steps(self.layout, self.state.resolution_a, self.state.full_done - 1)
+                post = self.search.local_search(
+                    sub, self._volumes[k], self.state.noise_power, self.state.resolution_a,
+                    self.state.rotations[rows[members]], self.state.shift_px[rows[members]], angular,
+                    common.LOCAL_STEPS * angular, step, common.LOCAL_STEPS * step)
+            else:
+                post = self.search.global_search(sub, self._volumes[k], self.state.noise_power,
+                                                 self.state.resolution_a, level, shift, refine=search == "refine")
             searches.append(post)
             log_evidence[members, k] = post.log_evidence
         if only_class is not None:
@@ -218,7 +229,7 @@ class HeterogeneousRefinement:
             posteriors = softmax(log_evidence + self.state.log_prior[None, :], axis=1)
         return searches, posteriors
 
-    def _e_and_m(self, rows: np.ndarray, batch: ParticleBatch, only_class: np.ndarray | None, refine: bool
+    def _e_and_m(self, rows: np.ndarray, batch: ParticleBatch, only_class: np.ndarray | None, search: str
                  ) -> tuple[np.ndarray, object, object, object]:
         """Score a batch, one half-set at a time, and sum its reconstruction terms per class and half-set.
 
@@ -237,7 +248,7 @@ class HeterogeneousRefinement:
                 continue
             sub = common.sub_batch(batch, in_half, xp)
             assigned = None if only_class is None else only_class[in_half]
-            searches, post = self._score(sub, assigned, refine)
+            searches, post = self._score(rows[in_half], sub, assigned, search)
             posteriors[in_half] = post
             best = np.argmax(post, axis=1)
             for k, search in enumerate(searches):
@@ -301,7 +312,7 @@ class HeterogeneousRefinement:
         resolution = state.resolution_a
         only_class = random_stream(self.seed, _STREAM_RANDOM_CLASS, t).integers(0, self.class_count, rows.size) \
             if random else None
-        posteriors, data, weight, residual = self._e_and_m(rows, batch, only_class, refine=False)
+        posteriors, data, weight, residual = self._e_and_m(rows, batch, only_class, "global")
         rate = 1.0 if t == 0 else max(1.0 / (t + 1), rows.size / len(self.particles))
         state.data = (1 - rate) * state.data + (rate / rows.size) * data
         state.weight = (1 - rate) * state.weight + (rate / rows.size) * weight
@@ -318,7 +329,7 @@ class HeterogeneousRefinement:
 
     def _full_iteration(self) -> RefineIterationReport:
         state, xp = self.state, self.xp
-        last = state.full_done + 1 == self.params.final_full_iterations
+        search = "refine" if state.full_done == 0 else "local"
         resolution = state.resolution_a
         p = 2 * self.layout.working_box_px
         data = xp.zeros((self.class_count, 2, p, p, p), dtype=np.complex64)
@@ -328,7 +339,7 @@ class HeterogeneousRefinement:
         mass = np.zeros(self.class_count)
         n_total = len(self.particles)
         for rows, batch in common.iter_pass(self.particles, self.layout, self.ctf, self.half_set, xp):
-            posteriors, batch_data, batch_weight, residual = self._e_and_m(rows, batch, None, refine=last)
+            posteriors, batch_data, batch_weight, residual = self._e_and_m(rows, batch, None, search)
             data += batch_data
             weight += batch_weight
             residual_total += residual

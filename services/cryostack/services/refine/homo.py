@@ -53,8 +53,7 @@ _STREAM_PHASES = 2
 # Iterations without a better GSFSC resolution after which refinement stops, and what counts as better (Å).
 _PATIENCE = 2
 _IMPROVEMENT_A = 0.05
-# Local search reach, in steps either way, and the local iterations run before stopping is considered.
-_LOCAL_STEPS = 2.0
+# Local iterations run before stopping is considered.
 _MIN_LOCAL_ITERATIONS = 4
 
 
@@ -180,7 +179,8 @@ class HomogeneousRefinement:
                     angular, shift = common.local_steps(layout, resolution, it - self.params.global_iterations)
                     post = self.search.local_search(
                         sub, reference, state.noise_power, resolution, state.rotations[rows[members]],
-                        state.shift_px[rows[members]], angular, _LOCAL_STEPS * angular, shift, _LOCAL_STEPS * shift)
+                        state.shift_px[rows[members]], angular, common.LOCAL_STEPS * angular, shift,
+                        common.LOCAL_STEPS * shift)
                 ones = np.ones((members.size, 1), dtype=np.float32)
                 d, w = self.search.back_project(sub, [post], ones, state.noise_power)
                 data += d[0]
