@@ -99,7 +99,8 @@ def run_cryostack(spec: dict[str, Any]) -> dict[str, Any]:
     from cryostack.core.backend import default_xp, describe_backend  # noqa: PLC0415
     from cryostack.core.metrics import adjusted_rand_index  # noqa: PLC0415
     from cryostack.core.spectra import SpectralLayout, collect_spectra  # noqa: PLC0415
-    from cryostack.services.abinitio.algorithm import AbinitioParameters, AbinitioRun  # noqa: PLC0415
+    from cryostack.services.abinitio.algorithm import AbinitioRun  # noqa: PLC0415
+    from cryostack.services.abinitio.parameters import AbinitioParameters  # noqa: PLC0415
 
     name, n_particles, k = spec["scenario"], spec["particles"], spec["classes"]
     path = stack_path(name, n_particles)
@@ -153,7 +154,8 @@ def run_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
     from cryostack.core.backend import default_xp  # noqa: PLC0415
     from cryostack.core.metrics import adjusted_rand_index  # noqa: PLC0415
     from cryostack.core.spectra import SpectralLayout, collect_spectra  # noqa: PLC0415
-    from cryostack.services.abinitio.algorithm import AbinitioParameters, AbinitioRun  # noqa: PLC0415
+    from cryostack.services.abinitio.algorithm import AbinitioRun  # noqa: PLC0415
+    from cryostack.services.abinitio.parameters import AbinitioParameters  # noqa: PLC0415
     from cryostack.services.abinitio.servicer import BlasShare  # noqa: PLC0415
 
     name, n_particles = spec["scenario"], spec["particles"]

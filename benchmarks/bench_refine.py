@@ -200,7 +200,8 @@ def run_homo(spec: dict[str, Any]) -> dict[str, Any]:
 def _abinitio_maps(images: StackFile, simulator: Any, k: int, iterations: list[int]) -> np.ndarray:
     """Class maps (K, D, D, D) of an ab-initio run on the same particles."""
     from cryostack.core.spectra import SpectralLayout, collect_spectra  # noqa: PLC0415
-    from cryostack.services.abinitio.algorithm import AbinitioParameters, AbinitioRun  # noqa: PLC0415
+    from cryostack.services.abinitio.algorithm import AbinitioRun  # noqa: PLC0415
+    from cryostack.services.abinitio.parameters import AbinitioParameters  # noqa: PLC0415
 
     params = AbinitioParameters(class_count=k, initial_iterations=iterations[0], final_iterations=iterations[1])
     layout = SpectralLayout.for_resolution(BOX_PX, PIXEL_SIZE_A, params.max_resolution_a)

@@ -9,7 +9,7 @@ import numpy as np
 from cryostack.core.ctf import CtfParameters
 from cryostack.core.simulate import ConformationState, ParticleSimulator, Scenario, SimulationParameters
 from cryostack.core.spectra import ParticleSpectra, SpectralLayout, collect_spectra
-from cryostack.services.abinitio.algorithm import AbinitioParameters
+from cryostack.services.abinitio.parameters import AbinitioParameters
 
 # One rigid conformation (the phantom with its domain closed).
 SINGLE = Scenario(name="single", states=(ConformationState("closed", 1.0, True, (0.0, 0.0)),))

@@ -11,13 +11,10 @@ from cryostack.core.fsc import fsc_curve
 from cryostack.core.metrics import adjusted_rand_index, compare_to_reference, rotation_error, transform_map
 from cryostack.errors import InvalidArgumentError
 from cryostack.core.spectra import SpectralLayout, collect_spectra
-from cryostack.services.abinitio.algorithm import (
-    AbinitioParameters,
-    AbinitioRun,
-    AbinitioState,
-    _constrain,
-    _real_space_masks,
-)
+from cryostack.services.abinitio.algorithm import AbinitioRun
+from cryostack.services.abinitio.constraints import constrain, real_space_masks
+from cryostack.services.abinitio.parameters import AbinitioParameters
+from cryostack.services.abinitio.state import AbinitioState
 
 from abinitio_data import SINGLE, TWO_STATES, simulate
 
@@ -248,9 +245,9 @@ def test_real_space_constraints_give_a_non_negative_centred_map() -> None:
     z, y, x = np.meshgrid(k, k, k, indexing="ij")
     blob = np.exp(-((x - 3.0) ** 2 + (y + 2.0) ** 2 + z**2) / 8.0)
     volume = (blob - blob.mean()).astype(np.float32)  # a transform without its DC term: zero mean, negative solvent
-    window, solvent = _real_space_masks(box)
+    window, solvent = real_space_masks(box)
 
-    constrained = _constrain(volume, window, solvent)
+    constrained = constrain(volume, window, solvent)
 
     assert constrained.min() >= -1e-3 * constrained.max()
     mass = np.clip(constrained, 0, None)

@@ -13,7 +13,7 @@ import starfile
 from cryostack.core.geometry import euler_to_matrix
 from cryostack.io.star import parse_star
 from cryostack.services.abinitio import outputs
-from cryostack.services.abinitio.algorithm import AbinitioResult
+from cryostack.services.abinitio.state import AbinitioResult
 
 STAR = """
 data_optics

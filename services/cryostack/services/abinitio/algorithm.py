@@ -60,28 +60,28 @@ posteriors, the noise spectrum) is small and stays on the host. Checkpoints and 
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from types import ModuleType
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from cryostack.core.backend import array_module, to_host
-from cryostack.core.fourier import fft3_centered, fourier_pad_3d, ifft3_centered, resolution_to_shell
+from cryostack.core.fourier import fft3_centered, fourier_pad_3d, resolution_to_shell
 from cryostack.core.fsc import resolution_at_threshold
-from cryostack.core.geometry import matrix_to_euler_deg, shift_px_to_relion_origin, uniform_random_rotations
+from cryostack.core.geometry import uniform_random_rotations
 from cryostack.core.masks import soft_spherical_mask
-from cryostack.core.numerics import floored_log_prior, log_sum_exp, seed_sequence, softmax
+from cryostack.core.numerics import log_sum_exp, seed_sequence, softmax
 from cryostack.core.poses import shift_step_px, so3_grid_matrices, so3_level_for_step
 from cryostack.core.projection import FourierAccumulator, Projector
 from cryostack.core.reconstruction import half_set_fsc_from_sums, wiener_from_half_sums
 from cryostack.core.scoring import log_likelihoods
 from cryostack.core.search import ClassPosteriors, PoseSearch, shift_lattice
 from cryostack.core.spectra import TAPER_SHELLS, ParticleBatch, ParticleSpectra
-from cryostack.services.checks import finite_positive, nyquist_check, raise_first
+from cryostack.services.abinitio.constraints import constrain, real_space_masks
+from cryostack.services.abinitio.parameters import AbinitioParameters
+from cryostack.services.abinitio.state import AbinitioResult, AbinitioState, IterationReport
 
 # Streams of the job's seed, one per purpose, so that draws for one purpose never shift another's.
 _STREAM_INIT = 1
@@ -102,172 +102,12 @@ _NOISE_MEMORY_IMAGES = 5000.0
 _NOISE_MEMORY_FRACTION = 0.1
 # Fraction of all poses that should carry significant weight at the first iteration (cryoSPARC's 0.011).
 _TARGET_ESS_FRACTION = 0.011
-# Running-average rate of the class occupancy, and the floor of a class prior as a fraction of uniform.
+# Running-average rate of the class occupancy.
 _PRIOR_RATE = 0.1
-_MIN_PRIOR_FRACTION = 0.05
 # Class similarity holds until this fraction of all iterations and reaches its final value at the second.
 _SIMILARITY_ANNEAL = (0.6, 0.7)
 # Iterations between re-measurements of the running half-set FSC.
 _FSC_EVERY = 5
-# Real-space window: full weight inside this fraction of the box radius, a cosine edge to the second.
-_WINDOW_RADII = (0.8, 0.95)
-# Voxels beyond this fraction of the box radius are solvent; their median is the zero of non-negativity.
-_SOLVENT_RADIUS = 0.8
-
-
-@dataclass(frozen=True)
-class AbinitioParameters:
-    """Every parameter of ab-initio reconstruction (defaults from SPEC §5.2 / cryoSPARC)."""
-
-    class_count: int = 1
-    minibatch_size_initial: int = 90
-    minibatch_size_final: int = 300
-    initial_resolution_a: float = 35.0
-    max_resolution_a: float = 12.0
-    learning_rate_initial: float = 0.4
-    class_similarity_initial: float = 0.1
-    class_similarity_final: float = 0.0
-    initial_iterations: int = 200
-    final_iterations: int = 300
-    max_shift_px: float | None = None  # radius of the global translational search; None: 10% of the box
-
-    @property
-    def total_iterations(self) -> int:
-        """Number of minibatch iterations of a run."""
-        return self.initial_iterations + self.final_iterations
-
-    def check(self, n_particles: int | None = None, pixel_size_a: float | None = None) -> None:
-        """Raise :class:`InvalidArgumentError` naming the first out-of-range parameter."""
-        checks: list[tuple[str, bool, str]] = [
-            ("class_count", self.class_count >= 1, f"must be at least 1, got {self.class_count}"),
-            ("minibatch_size_initial", self.minibatch_size_initial >= 1, "must be at least 1"),
-            (
-                "minibatch_size_final",
-                self.minibatch_size_final >= self.minibatch_size_initial,
-                f"{self.minibatch_size_final} is below minibatch_size_initial {self.minibatch_size_initial}",
-            ),
-            ("initial_resolution_a", finite_positive(self.initial_resolution_a), "must be positive"),
-            ("max_resolution_a", finite_positive(self.max_resolution_a), "must be positive"),
-            (
-                "initial_resolution_a",
-                self.initial_resolution_a >= self.max_resolution_a,
-                f"{self.initial_resolution_a:g} Å is finer than max_resolution_a {self.max_resolution_a:g} Å",
-            ),
-            (
-                "learning_rate_initial",
-                finite_positive(self.learning_rate_initial) and self.learning_rate_initial <= 1,
-                f"must lie in (0, 1], got {self.learning_rate_initial:g}",
-            ),
-            ("class_similarity_initial", 0 <= self.class_similarity_initial <= 1, "must lie in [0, 1]"),
-            (
-                "class_similarity_final",
-                0 <= self.class_similarity_final <= self.class_similarity_initial,
-                "must lie in [0, class_similarity_initial]",
-            ),
-            ("initial_iterations", self.initial_iterations >= 0, "must be non-negative"),
-            ("final_iterations", self.final_iterations >= 0, "must be non-negative"),
-            ("final_iterations", self.total_iterations >= 1, "initial + final iterations must be at least 1"),
-            (
-                "max_shift_px",
-                self.max_shift_px is None or (math.isfinite(self.max_shift_px) and self.max_shift_px >= 0),
-                "must be non-negative",
-            ),
-        ]
-        checks += nyquist_check("max_resolution_a", self.max_resolution_a, pixel_size_a)
-        if n_particles is not None:
-            checks.append((
-                "class_count",
-                self.class_count <= n_particles,
-                f"{self.class_count} classes for {n_particles} particles",
-            ))
-        raise_first(checks)
-
-
-@dataclass
-class AbinitioState:
-    """Everything a run carries from one iteration to the next (what a checkpoint stores)."""
-
-    iteration: int  # iterations completed
-    data: Any  # (K, 2, P, P, P) complex64 running Σ w·CTF·X/σ² per class and half-set, per particle (run's device)
-    weight: Any  # (K, 2, P, P, P) float32 running Σ w·CTF²/σ², per particle (run's device)
-    noise_sum: np.ndarray  # (n_shells,) float64 running Σ residual power (per coefficient) over images
-    noise_weight: np.ndarray  # (n_shells,) float64 running image count behind ``noise_sum``
-    class_mass: np.ndarray  # (K,) float64 running class occupancy
-    fsc: np.ndarray  # (K, n_shells) float64 FSC of the running half-set maps, refreshed every few iterations
-
-    @property
-    def noise_power(self) -> np.ndarray:
-        """σ² per shell of the working box: (n_shells,) float64."""
-        return self.noise_sum / self.noise_weight
-
-    @property
-    def log_prior(self) -> np.ndarray:
-        """Class log-priors from the running occupancy, each at least a fraction of uniform: (K,)."""
-        return floored_log_prior(self.class_mass, _MIN_PRIOR_FRACTION)
-
-    def to_bytes(self) -> bytes:
-        """Serialise as ``.npz`` (no pickle)."""
-        buffer = io.BytesIO()
-        np.savez(buffer, iteration=np.int64(self.iteration), data=to_host(self.data), weight=to_host(self.weight),
-                 noise_sum=self.noise_sum, noise_weight=self.noise_weight, class_mass=self.class_mass, fsc=self.fsc)
-        return buffer.getvalue()
-
-    @classmethod
-    def from_bytes(cls, payload: bytes) -> AbinitioState:
-        """Read back what :meth:`to_bytes` wrote (in host memory; a run moves it to its device)."""
-        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
-            return cls(iteration=int(z["iteration"]), data=z["data"], weight=z["weight"], noise_sum=z["noise_sum"],
-                       noise_weight=z["noise_weight"], class_mass=z["class_mass"], fsc=z["fsc"])
-
-
-@dataclass(frozen=True)
-class IterationReport:
-    """What one iteration did, for progress reports."""
-
-    iteration: int  # counted from 1
-    total_iterations: int
-    resolution_a: float
-    minibatch_size: int
-    learning_rate: float
-    class_similarity: float
-    so3_level: int
-    class_fractions: np.ndarray  # (K,) running class occupancy
-    objective: float  # mean log-evidence per particle of the minibatch, per scored coefficient
-    half_map_resolution_a: np.ndarray  # (K,) FSC-0.143 resolution of the running half-set maps
-
-
-@dataclass(frozen=True)
-class AbinitioResult:
-    """The outcome of a run: volumes on the particles' box and per-particle assignments."""
-
-    volumes: np.ndarray  # (K, D, D, D) float32, Wiener-filtered, on the grey scale of the data
-    class_posteriors: np.ndarray  # (N, K) float32
-    rotations: np.ndarray  # (N, 3, 3) float64 best pose (RELION matrix) within the best class
-    shift_px: np.ndarray  # (N, 2) float32 best image shift (x, y): the particle is its projection moved by it
-    half_map_fsc: np.ndarray  # (K, D_w // 2 + 1) float64 FSC of each class's half-set maps
-    resolution_a: np.ndarray  # (K,) FSC-0.143 resolution of each class's half-set maps
-    final_resolution_a: float  # the resolution the frequency marching ended at
-    pixel_size_a: float
-
-    @property
-    def best_class(self) -> np.ndarray:
-        """Most probable class of every particle, 0-based: (N,) int64."""
-        return np.argmax(self.class_posteriors, axis=1)
-
-    @property
-    def class_sizes(self) -> np.ndarray:
-        """Particles per class by most probable class: (K,) int64."""
-        return np.bincount(self.best_class, minlength=self.class_posteriors.shape[1])
-
-    @property
-    def euler_deg(self) -> np.ndarray:
-        """RELION ``(rot, tilt, psi)`` in degrees of the best poses: (N, 3) float64."""
-        return matrix_to_euler_deg(self.rotations)
-
-    @property
-    def origin_xy_a(self) -> np.ndarray:
-        """RELION 3.1 ``rlnOriginXAngst/YAngst`` of the best shifts: (N, 2) float64."""
-        return shift_px_to_relion_origin(self.shift_px, self.pixel_size_a)
 
 
 class AbinitioRun:
@@ -289,7 +129,7 @@ class AbinitioRun:
         self.max_shift_px = 0.1 * self.layout.box_px if params.max_shift_px is None else params.max_shift_px
         halves = np.random.default_rng(self._seed_sequence(_STREAM_HALVES, 0))
         self.half_set = halves.integers(0, 2, spectra.n_particles)  # (N,) 0 or 1
-        self._window, self._solvent = _real_space_masks(self.working_box, self.xp)
+        self._window, self._solvent = real_space_masks(self.working_box, self.xp)
         visits = sum(self.minibatch_size_at(i) for i in range(params.total_iterations))
         self.noise_memory = min(_NOISE_MEMORY_IMAGES, _NOISE_MEMORY_FRACTION * visits)
         if state is None:
@@ -428,7 +268,7 @@ class AbinitioRun:
             if refresh_fsc:
                 self.state.fsc[k] = self._half_set_fsc(self.state.data[k], self.state.weight[k])
             merged = self._wiener(self.state.data[k], self.state.weight[k], self.state.fsc[k])
-            volumes[k] = _constrain(merged, self._window, self._solvent)
+            volumes[k] = constrain(merged, self._window, self._solvent)
         return volumes
 
     def _half_set_fsc(self, data: Any, weight: Any) -> np.ndarray:
@@ -575,34 +415,3 @@ class AbinitioRun:
             merged = self._wiener(data[k], weight[k], fscs[k])
             out[k] = to_host(fourier_pad_3d(fft3_centered(merged) * taper, box))
         return out, fscs
-
-
-def _real_space_masks(box_px: int, xp: ModuleType = np) -> tuple[Any, Any]:
-    """The soft spherical window (D, D, D) float32 and the solvent region (D, D, D) bool of the working box."""
-    half = box_px / 2.0
-    inner, outer = (f * half for f in _WINDOW_RADII)
-    window = soft_spherical_mask(box_px, inner, outer - inner, xp)
-    solvent = soft_spherical_mask(box_px, _SOLVENT_RADIUS * half, 0.0, xp) == 0
-    return window, solvent
-
-
-def _constrain(volume: Any, window: Any, solvent: Any) -> Any:
-    """Non-negative above the solvent level, windowed and centred on its centre of mass: (D, D, D) float32."""
-    xp = array_module(volume)
-    positive = xp.maximum(volume - xp.median(volume[solvent]), 0.0) * window
-    total = float(positive.sum())
-    if total <= 0:
-        return volume
-    box = volume.shape[0]
-    k = xp.arange(box) - box // 2
-    centre = np.array([
-        float((positive.sum(axis=(0, 1)) * k).sum()),  # x
-        float((positive.sum(axis=(0, 2)) * k).sum()),  # y
-        float((positive.sum(axis=(1, 2)) * k).sum()),  # z
-    ]) / total
-    if np.abs(centre).max() < 0.5:
-        return positive.astype(np.float32)
-    # Shift the content by -centre with a phase ramp (exact for band-limited maps).
-    kz, ky, kx = xp.meshgrid(k, k, k, indexing="ij")
-    ramp = xp.exp(2j * np.pi * (kx * centre[0] + ky * centre[1] + kz * centre[2]) / box)
-    return xp.asarray(ifft3_centered(fft3_centered(positive) * ramp).real, dtype=np.float32)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from cryostack.core.fsc import shell_frequencies_inv_a
 from cryostack.io.mrc import encode_mrc
 from cryostack.io.star import ParticleTable, star_bytes
-from cryostack.services.abinitio.algorithm import AbinitioResult
+from cryostack.services.abinitio.state import AbinitioResult
 
 PARTICLES_STAR = "particles.star"
 CLASSES_CSV = "classes.csv"

@@ -36,12 +36,9 @@ from cryostack.runtime import JobContext, JobKind, JobRunner
 from cryostack.runtime.store import MANIFEST_FILE
 from cryostack.services.inputs import ParticleSet, check_class_count, load_particle_set
 from cryostack.services.abinitio import outputs
-from cryostack.services.abinitio.algorithm import (
-    AbinitioParameters,
-    AbinitioRun,
-    AbinitioState,
-    IterationReport,
-)
+from cryostack.services.abinitio.algorithm import AbinitioRun
+from cryostack.services.abinitio.parameters import AbinitioParameters
+from cryostack.services.abinitio.state import AbinitioState, IterationReport
 
 SERVICE_NAME = abinitio_pb2.DESCRIPTOR.services_by_name["AbinitioService"].full_name
 KIND_NAME = "abinitio"
