@@ -4,7 +4,7 @@ written names the input's images, read back through ParticleStackReader from whe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -12,23 +12,20 @@ import pytest
 
 from cryostack.abinitio.v1 import abinitio_pb2
 from cryostack.classify2d.v1 import classify2d_pb2
-from cryostack.config import ServiceSettings
 from cryostack.core.simulate import ParticleSimulator, SimulationParameters, scenario
 from cryostack.io.dataset import write_simulated_dataset
 from cryostack.io.objectstore import ObjectStore
-from cryostack.io.particles import ParticleStackReader
 from cryostack.io.star import read_star
-from cryostack.jobs.v1 import jobs_pb2
 from cryostack.particles.v1 import particles_pb2
-from cryostack.runtime import JobRunner, JobStore, create_server
 from cryostack.runtime.client import JobClient, submit_method
 from cryostack.services.abinitio.servicer import register as register_abinitio
 from cryostack.services.classify2d.servicer import register as register_classify2d
 
+from chain_helpers import finished, serve_stages, stack_images
+
 SUBMIT_CLASSIFY2D = submit_method(classify2d_pb2, "Classify2DService", "SubmitClassify2D")
 SUBMIT_ABINITIO = submit_method(abinitio_pb2, "AbinitioService", "SubmitAbinitio")
 N_PARTICLES = 150
-RUNNER_TIMINGS = {"lease_s": 1.5, "cancel_poll_s": 0.2, "progress_write_s": 0.2}
 # Short runs: these tests check what the stages hand each other, not the algorithms' quality.
 CLASSIFY2D = {"class_count": 3, "online_em_iterations": 2, "batch_size_per_class": 30, "max_resolution_a": 12.0}
 ABINITIO = {"class_count": 1, "initial_iterations": 2, "final_iterations": 1, "minibatch_size_initial": 30,
@@ -47,51 +44,31 @@ def particles_uri(object_store: ObjectStore, bucket: str) -> str:
 @pytest.fixture
 def client(object_store: ObjectStore, bucket: str) -> Iterator[JobClient]:
     """A client of one in-process server running both the classify2d and the abinitio service."""
-    settings = ServiceSettings(jobs_uri=f"s3://{bucket}/jobs", max_workers=1)
-    runner = JobRunner(JobStore(object_store, settings.jobs_uri), settings, **RUNNER_TIMINGS)
-    server, port = create_server(settings, runner, register_classify2d, register_abinitio)
-    server.start()
-    connected = JobClient(f"127.0.0.1:{port}")
-    yield connected
-    connected.close()
-    server.stop(0).wait()
-
-
-def _finished(client: JobClient, job: jobs_pb2.Job, result: classify2d_pb2.Classify2DResult
-              | abinitio_pb2.AbinitioResult) -> None:
-    """Wait for `job`, check it succeeded and unpack its result into `result`."""
-    done = client.wait(job.name, timeout_s=300)
-    assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
-    assert done.result.Unpack(result)
-
-
-def _images(object_store: ObjectStore, star_uri: str) -> np.ndarray:
-    """Every image a STAR object names, read through the stack reader from the STAR's own location: (N, D, D)."""
-    reader = ParticleStackReader.from_star(object_store, star_uri)
-    return reader.read(np.arange(len(reader)))
+    with serve_stages(object_store, bucket, register_classify2d, register_abinitio) as connected:
+        yield connected
 
 
 def test_classify2d_output_is_the_input_of_an_abinitio_job_on_its_largest_classes(
     client: JobClient, particles_uri: str, bucket: str, object_store: ObjectStore
 ) -> None:
     classified = classify2d_pb2.Classify2DResult()
-    _finished(client, client.submit(SUBMIT_CLASSIFY2D, classify2d_pb2.SubmitClassify2DRequest(
+    finished(client, client.submit(SUBMIT_CLASSIFY2D, classify2d_pb2.SubmitClassify2DRequest(
         idempotency_key="classify", particles_uri=particles_uri, output_uri=f"s3://{bucket}/runs", random_seed=1,
         parameters=classify2d_pb2.Classify2DParameters(**CLASSIFY2D))), classified)
 
     # The classify2d STAR lives in the job folder, far from the stack, and still names the input's images.
     assert classified.particles_uri.startswith(f"s3://{bucket}/runs/jobs/")
-    input_images = _images(object_store, particles_uri)
+    input_images = stack_images(object_store, particles_uri)
     classify2d_table = read_star(object_store, classified.particles_uri)
     assert classify2d_table.particles["rlnImageName"].tolist() == [
         f"{i:06d}@s3://{bucket}/data/particles.mrcs" for i in range(1, N_PARTICLES + 1)
     ]
-    np.testing.assert_array_equal(_images(object_store, classified.particles_uri), input_images)
+    np.testing.assert_array_equal(stack_images(object_store, classified.particles_uri), input_images)
 
     kept = [1, 2]
     counts = {summary.class_number: summary.particle_count for summary in classified.classes}
     reconstructed = abinitio_pb2.AbinitioResult()
-    _finished(client, client.submit(SUBMIT_ABINITIO, abinitio_pb2.SubmitAbinitioRequest(
+    finished(client, client.submit(SUBMIT_ABINITIO, abinitio_pb2.SubmitAbinitioRequest(
         idempotency_key="abinitio", particles_uri=classified.particles_uri, output_uri=f"s3://{bucket}/runs",
         random_seed=2, parameters=abinitio_pb2.AbinitioParameters(**ABINITIO),
         subset=particles_pb2.ParticleSubset(class_numbers=particles_pb2.ClassSelection(class_numbers=kept)))),
@@ -102,7 +79,7 @@ def test_classify2d_output_is_the_input_of_an_abinitio_job_on_its_largest_classe
     abinitio_table = read_star(object_store, reconstructed.particles_uri)
     assert abinitio_table.particles["rlnImageName"].tolist() == (
         classify2d_table.particles["rlnImageName"].iloc[rows].tolist())
-    np.testing.assert_array_equal(_images(object_store, reconstructed.particles_uri), input_images[rows])
+    np.testing.assert_array_equal(stack_images(object_store, reconstructed.particles_uri), input_images[rows])
 
 
 def test_selecting_classes_of_a_set_without_classes_is_refused_before_anything_is_written(

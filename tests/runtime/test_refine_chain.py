@@ -14,20 +14,18 @@ import numpy as np
 import pytest
 
 from cryostack.abinitio.v1 import abinitio_pb2
-from cryostack.config import ServiceSettings
 from cryostack.core.simulate import ParticleSimulator, SimulationParameters, scenario
 from cryostack.io.dataset import write_simulated_dataset
 from cryostack.io.mrc import read_mrc
 from cryostack.io.objectstore import ObjectStore
-from cryostack.io.particles import ParticleStackReader
 from cryostack.io.star import read_star
-from cryostack.jobs.v1 import jobs_pb2
 from cryostack.particles.v1 import particles_pb2
 from cryostack.refine.v1 import refine_pb2
-from cryostack.runtime import JobRunner, JobStore, create_server
 from cryostack.runtime.client import JobClient, submit_method
 from cryostack.services.abinitio.servicer import register as register_abinitio
 from cryostack.services.refine.servicer import register as register_refine
+
+from chain_helpers import finished, serve_stages, stack_images
 
 SUBMIT_ABINITIO = submit_method(abinitio_pb2, "AbinitioService", "SubmitAbinitio")
 SUBMIT_HETERO = submit_method(refine_pb2, "RefineService", "SubmitHeterogeneousRefinement")
@@ -36,7 +34,6 @@ N_PARTICLES = 240
 BOX_PX = 32
 PIXEL_SIZE_A = 6.0  # Nyquist 12 Å
 CLASS_COUNT = 3
-RUNNER_TIMINGS = {"lease_s": 1.5, "cancel_poll_s": 0.2, "progress_write_s": 0.2}
 ABINITIO = {"class_count": CLASS_COUNT, "initial_iterations": 3, "final_iterations": 2, "minibatch_size_initial": 60,
             "minibatch_size_final": 90, "max_resolution_a": 20.0}
 HETERO = {"batch_size_per_class": 40, "initial_resolution_a": 20.0, "random_assignment_iterations": 1,
@@ -57,28 +54,8 @@ def particles_uri(object_store: ObjectStore, bucket: str) -> str:
 @pytest.fixture
 def client(object_store: ObjectStore, bucket: str) -> Iterator[JobClient]:
     """A client of one in-process server running both the abinitio and the refine service."""
-    settings = ServiceSettings(jobs_uri=f"s3://{bucket}/jobs", max_workers=1)
-    runner = JobRunner(JobStore(object_store, settings.jobs_uri), settings, **RUNNER_TIMINGS)
-    server, port = create_server(settings, runner, register_abinitio, register_refine)
-    server.start()
-    connected = JobClient(f"127.0.0.1:{port}")
-    yield connected
-    connected.close()
-    server.stop(0).wait()
-
-
-def _finished(client: JobClient, job: jobs_pb2.Job, result: abinitio_pb2.AbinitioResult
-              | refine_pb2.HeterogeneousRefinementResult | refine_pb2.HomogeneousRefinementResult) -> None:
-    """Wait for `job`, check it succeeded and unpack its result into `result`."""
-    done = client.wait(job.name, timeout_s=600)
-    assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
-    assert done.result.Unpack(result)
-
-
-def _images(object_store: ObjectStore, star_uri: str) -> np.ndarray:
-    """Every image a STAR object names, read through the stack reader from the STAR's own location: (N, D, D)."""
-    reader = ParticleStackReader.from_star(object_store, star_uri)
-    return reader.read(np.arange(len(reader)))
+    with serve_stages(object_store, bucket, register_abinitio, register_refine) as connected:
+        yield connected
 
 
 def _class_subset(class_numbers: list[int]) -> particles_pb2.ParticleSubset:
@@ -89,12 +66,12 @@ def test_abinitio_classes_are_refined_heterogeneously_then_the_two_largest_homog
     client: JobClient, particles_uri: str, bucket: str, object_store: ObjectStore
 ) -> None:
     output_uri = f"s3://{bucket}/runs"
-    input_images = _images(object_store, particles_uri)
+    input_images = stack_images(object_store, particles_uri)
     input_names = [f"{i:06d}@s3://{bucket}/data/particles.mrcs" for i in range(1, N_PARTICLES + 1)]
 
     # 1. Ab initio, K = 3.
     reconstructed = abinitio_pb2.AbinitioResult()
-    _finished(client, client.submit(SUBMIT_ABINITIO, abinitio_pb2.SubmitAbinitioRequest(
+    finished(client, client.submit(SUBMIT_ABINITIO, abinitio_pb2.SubmitAbinitioRequest(
         idempotency_key="abinitio", particles_uri=particles_uri, output_uri=output_uri, random_seed=1,
         parameters=abinitio_pb2.AbinitioParameters(**ABINITIO))), reconstructed)
     assert reconstructed.particle_count == N_PARTICLES
@@ -103,7 +80,7 @@ def test_abinitio_classes_are_refined_heterogeneously_then_the_two_largest_homog
     # 2. Heterogeneous refinement of every particle of the abinitio STAR against its three class volumes.
     abinitio_volumes = [c.volume_uri for c in reconstructed.classes]
     classified = refine_pb2.HeterogeneousRefinementResult()
-    _finished(client, client.submit(SUBMIT_HETERO, refine_pb2.SubmitHeterogeneousRefinementRequest(
+    finished(client, client.submit(SUBMIT_HETERO, refine_pb2.SubmitHeterogeneousRefinementRequest(
         idempotency_key="hetero", particles_uri=reconstructed.particles_uri, volume_uris=abinitio_volumes,
         output_uri=output_uri, random_seed=2, parameters=refine_pb2.HeterogeneousRefinementParameters(**HETERO))),
         classified)
@@ -130,7 +107,7 @@ def test_abinitio_classes_are_refined_heterogeneously_then_the_two_largest_homog
     largest = sorted(classified.classes, key=lambda c: c.particle_count, reverse=True)[:2]
     kept = sorted(c.class_number for c in largest)
     refined = refine_pb2.HomogeneousRefinementResult()
-    _finished(client, client.submit(SUBMIT_HOMO, refine_pb2.SubmitHomogeneousRefinementRequest(
+    finished(client, client.submit(SUBMIT_HOMO, refine_pb2.SubmitHomogeneousRefinementRequest(
         idempotency_key="homo", particles_uri=classified.particles_uri, subset=_class_subset(kept),
         volume_uri=largest[0].volume_uri, output_uri=output_uri, random_seed=3,
         parameters=refine_pb2.HomogeneousRefinementParameters(**HOMO))), refined)
@@ -147,7 +124,7 @@ def test_abinitio_classes_are_refined_heterogeneously_then_the_two_largest_homog
     np.testing.assert_array_equal(homo_table.column("rlnRandomSubset").astype(int),
                                   hetero_table.column("rlnRandomSubset").astype(int)[rows])
     assert homo_particles["rlnImageName"].tolist() == [input_names[row] for row in rows]
-    np.testing.assert_array_equal(_images(object_store, refined.particles_uri), input_images[rows])
+    np.testing.assert_array_equal(stack_images(object_store, refined.particles_uri), input_images[rows])
 
     volume = read_mrc(object_store, refined.map_uri)
     assert volume.data.shape == (BOX_PX,) * 3
