@@ -176,7 +176,7 @@ class PoseSearch:
 
     def local_search(self, batch: ParticleBatch, volume: Any, noise_power: np.ndarray, resolution_a: float,
                      rotations: np.ndarray, shift_px: np.ndarray, angular_step_deg: float, angular_radius_deg: float,
-                     shift_step_px_: float, shift_radius_px: float) -> ClassPosteriors:
+                     shift_step_size_px: float, shift_radius_px: float) -> ClassPosteriors:
         """Posteriors of a batch over rotations (n, 3, 3) · small rotations and shifts (n, 2) + a local lattice."""
         n = batch.n_particles
         count = self.layout.count_within(resolution_a)
@@ -185,7 +185,7 @@ class PoseSearch:
         flat = around.reshape(-1, 3, 3)
         own = np.arange(n * per_particle, dtype=np.int64).reshape(n, per_particle)
         templates = Projector(volume).project(flat, coefficients=self.flat_working[:count])
-        lattice = shift_lattice(shift_step_px_, shift_radius_px)
+        lattice = shift_lattice(shift_step_size_px, shift_radius_px)
         return self.marginalise_local(batch, count, flat, templates, own, lattice,
                                       np.asarray(shift_px, dtype=np.float32), noise_power)
 
